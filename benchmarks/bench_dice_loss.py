@@ -1,0 +1,77 @@
+"""pytest-benchmark: the fused dice loss against its PyTorch reference.
+
+Run: ``python -m pytest benchmarks/bench_dice_loss.py`` (add ``--benchmark-json out.json`` to keep
+the figures). One group per (size, mode); the ``provider`` axis holds every backend that runs on
+this machine's devices. ``extra_info["peak_mb"]`` is the resident-memory peak of one call above what
+the inputs already hold (CPU; GPU peaks come from the CUDA allocator).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from solo_fast.ops import available_backends, dice_loss
+from tests.ops.helpers import make_dice_inputs, peak_memory_increase
+
+SIZES = {"K200_200x272": (200, (200, 272)), "K50_100x136": (50, (100, 136))}
+MODES = ("forward", "backward", "full")
+
+
+def _cases():
+    cases = [("cpu", backend) for backend in available_backends("cpu") if backend != "triton"]
+    if torch.cuda.is_available():
+        cases += [("cuda", backend) for backend in available_backends("cuda")]
+    return cases
+
+
+def _peak_mb(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return peak_memory_increase(fn) / 2**20
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device,provider", _cases(), ids=lambda value: str(value))
+@pytest.mark.parametrize("size", SIZES)
+def test_dice_loss(benchmark, size, device, provider, mode):
+    num_masks, pixels = SIZES[size]
+    benchmark.group = f"dice_loss {size} {mode} ({device})"
+    benchmark.extra_info.update(provider=provider, device=device, mode=mode)
+    pred, target = make_dice_inputs(num_masks, pixels, device=device)
+    pred.requires_grad_(mode != "forward")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward():
+        return dice_loss(pred, target, backend=provider).sum()
+
+    def full():
+        pred.grad = None
+        forward().backward()
+        sync()
+
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                forward()
+            sync()
+        benchmark.extra_info["peak_mb"] = _peak_mb(run, device)
+        benchmark.pedantic(run, rounds=10, warmup_rounds=1)
+    elif mode == "backward":
+        def setup():
+            pred.grad = None
+            return (forward(),), {}
+
+        def backward(loss):
+            loss.backward()
+            sync()
+        benchmark.extra_info["peak_mb"] = _peak_mb(full, device)
+        benchmark.pedantic(backward, setup=setup, rounds=10, warmup_rounds=1)
+    else:
+        benchmark.extra_info["peak_mb"] = _peak_mb(full, device)
+        benchmark.pedantic(full, rounds=10, warmup_rounds=1)

@@ -1,0 +1,281 @@
+// CUDA kernels of solo_fast::dice_loss_forward / dice_loss_backward (contract: csrc/solo_fast.cpp,
+// solo_fast/ops/dice_loss.py). The per-element math comes from dice_loss.h so that CPU and CUDA
+// run the same operations. Reductions are two-pass (block partials, then a fixed-order sum in
+// double) rather than atomics, so results are bitwise reproducible on a given GPU.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <tuple>
+
+#include "dice_loss.h"
+
+namespace solo_fast {
+namespace {
+
+namespace dl = ::solo_fast::dice_loss;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Below a few thousand pixels per block the partial write and block reduction start to dominate.
+constexpr int64_t kMinChunk = 4096;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Block (mask, chunk) reduces pixels [chunk * chunk_size, min(p, (chunk + 1) * chunk_size)) of one
+// mask into partials[mask][chunk][0..2].
+template <typename scalar_t, typename acc_t, typename target_t>
+__global__ void __launch_bounds__(kThreads) dice_partials_kernel(
+    const scalar_t* __restrict__ pred, const target_t* __restrict__ target, int64_t p,
+    int64_t chunk_size, bool logits, acc_t* __restrict__ partials) {
+  const int64_t mask = blockIdx.x;
+  const int64_t begin = blockIdx.y * chunk_size;
+  const int64_t end = begin + chunk_size < p ? begin + chunk_size : p;
+  const scalar_t* pred_row = pred + mask * p;
+  const target_t* target_row = target + mask * p;
+  acc_t v[3] = {acc_t(0), acc_t(0), acc_t(0)};  // a, b, c
+#pragma unroll 4
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const acc_t value = static_cast<acc_t>(pred_row[i]);
+    const acc_t t = static_cast<acc_t>(target_row[i]);
+    dl::accumulate(dl::probability(value, logits), t, v[0], v[1], v[2]);
+  }
+
+  __shared__ acc_t shared[3][kWarps];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    v[k] = warp_sum(v[k]);
+    if (lane == 0) shared[k][warp] = v[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    acc_t* out = partials + (mask * gridDim.y + blockIdx.y) * 3;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      v[k] = warp_sum(lane < kWarps ? shared[k][lane] : acc_t(0));
+      if (lane == 0) out[k] = v[k];
+    }
+  }
+}
+
+// One warp per mask: lane j sums chunks j, j + 32, ... in double, then a butterfly across lanes;
+// the order depends only on the chunk count, so the result is deterministic.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) dice_finalize_kernel(
+    const acc_t* __restrict__ partials, int64_t n, int64_t chunks, double eps,
+    double* __restrict__ sums, scalar_t* __restrict__ loss) {
+  const int64_t mask = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (mask >= n) return;  // uniform per warp, so the full-mask shuffles below stay valid
+  const int lane = threadIdx.x % 32;
+  const acc_t* row = partials + mask * chunks * 3;
+  double v[3] = {0.0, 0.0, 0.0};
+  for (int64_t j = lane; j < chunks; j += 32) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) v[k] += static_cast<double>(row[3 * j + k]);
+  }
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    v[k] = warp_sum(v[k]);
+    if (lane == 0) sums[3 * mask + k] = v[k];
+  }
+  if (lane == 0) {
+    const double value = dl::loss_from_sums(v[0], v[1], v[2], eps);
+    loss[mask] = static_cast<scalar_t>(static_cast<acc_t>(value));
+  }
+}
+
+// Per-mask gradient coefficients, kept in double: the exact double division calls a slow-path
+// subroutine that would make the elementwise kernel below spill registers around the call.
+template <typename grad_t>
+__global__ void __launch_bounds__(kThreads) dice_coefficients_kernel(
+    const grad_t* __restrict__ grad_loss, const double* __restrict__ sums, int64_t n, double eps,
+    double* __restrict__ coef) {
+  const int64_t mask = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (mask >= n) return;
+  const dl::GradCoefficients<double> c = dl::grad_coefficients(
+      static_cast<double>(grad_loss[mask]), sums[3 * mask], sums[3 * mask + 1], sums[3 * mask + 2],
+      eps);
+  coef[2 * mask] = c.coef_p;
+  coef[2 * mask + 1] = c.coef_t;
+}
+
+// 2-D grid: x strides over the pixels of a mask, y over masks (gridDim.y is capped at 65535).
+template <typename scalar_t, typename acc_t, typename target_t>
+__global__ void __launch_bounds__(kThreads) dice_backward_kernel(
+    const double* __restrict__ coef_in, const scalar_t* __restrict__ pred,
+    const target_t* __restrict__ target, int64_t n, int64_t p, bool logits,
+    scalar_t* __restrict__ grad) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t mask = blockIdx.y; mask < n; mask += gridDim.y) {
+    dl::GradCoefficients<acc_t> coef;
+    coef.coef_p = static_cast<acc_t>(coef_in[2 * mask]);
+    coef.coef_t = static_cast<acc_t>(coef_in[2 * mask + 1]);
+    const scalar_t* pred_row = pred + mask * p;
+    const target_t* target_row = target + mask * p;
+    scalar_t* grad_row = grad + mask * p;
+#pragma unroll 4
+    for (int64_t i = first; i < p; i += stride) {
+      const acc_t value = static_cast<acc_t>(pred_row[i]);
+      const acc_t t = static_cast<acc_t>(target_row[i]);
+      grad_row[i] = static_cast<scalar_t>(dl::grad_element(value, t, coef, logits));
+    }
+  }
+}
+
+void check_pred_target(const at::Tensor& pred, const at::Tensor& target, const char* op) {
+  TORCH_CHECK(pred.is_cuda(), op, ": pred must be a CUDA tensor, got one on ", pred.device());
+  TORCH_CHECK(pred.dim() == 2, op, ": pred must be 2-D (N, P), got shape ", pred.sizes(),
+              "; flatten the pixel dimensions first");
+  TORCH_CHECK(target.sizes() == pred.sizes(), op, ": target must have pred's shape ",
+              pred.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.device() == pred.device(), op, ": target is on ", target.device(),
+              " but pred is on ", pred.device(), "; move both to the same device");
+  const auto dtype = pred.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": pred must be float16, bfloat16, float32 or float64, got ", dtype);
+  const auto tdtype = target.scalar_type();
+  TORCH_CHECK(tdtype == at::kByte || tdtype == at::kBool || tdtype == dtype, op,
+              ": target must be uint8 (0/1), bool or pred's dtype ", dtype, ", got ", tdtype,
+              "; convert it with target.to(pred.dtype)");
+  TORCH_CHECK(pred.size(0) <= INT_MAX, op, ": at most ", INT_MAX, " masks, got ", pred.size(0));
+}
+
+// Calls launch(target pointer): bool and uint8 masks are both read as bytes (bool storage is 0/1).
+template <typename scalar_t, typename Launch>
+void with_target(const at::Tensor& target, const Launch& launch) {
+  if (target.scalar_type() == at::kByte || target.scalar_type() == at::kBool) {
+    launch(static_cast<const uint8_t*>(target.const_data_ptr()));
+  } else {
+    launch(target.const_data_ptr<scalar_t>());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> dice_loss_forward_cuda(
+    const at::Tensor& pred_in, const at::Tensor& target_in, bool logits, double eps) {
+  check_pred_target(pred_in, target_in, "dice_loss_forward");
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const at::Tensor pred = pred_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  const int64_t n = pred.size(0);
+  const int64_t p = pred.size(1);
+  const auto sums_options = pred.options().dtype(at::kDouble);
+  if (n == 0 || p == 0) {
+    const double empty_loss = dl::loss_from_sums(0.0, 0.0, 0.0, eps);
+    return {at::full({n}, empty_loss, pred.options()), at::zeros({n, 3}, sums_options)};
+  }
+
+  // Enough blocks to fill the GPU several times over, but never chunks under kMinChunk pixels.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t chunks = std::min(ceil_div(4 * sms, n), ceil_div(p, kMinChunk));
+  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, 65535));
+  // Whole multiples of the block size keep every chunk start aligned the same way as its row.
+  const int64_t chunk_size = ceil_div(ceil_div(p, chunks), kThreads) * kThreads;
+  chunks = ceil_div(p, chunk_size);
+
+  at::Tensor loss = at::empty({n}, pred.options());
+  at::Tensor sums = at::empty({n, 3}, sums_options);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "dice_loss_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor partials =
+        at::empty({n, chunks, 3}, pred.options().dtype(at::toOpMathType(pred.scalar_type())));
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(chunks));
+    with_target<scalar_t>(target, [&](auto target_ptr) {
+      dice_partials_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+          pred.const_data_ptr<scalar_t>(), target_ptr, p, chunk_size, logits,
+          partials.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const unsigned finalize_blocks = static_cast<unsigned>(ceil_div(n, kWarps));
+    dice_finalize_kernel<scalar_t, acc_t><<<finalize_blocks, kThreads, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), n, chunks, eps, sums.mutable_data_ptr<double>(),
+        loss.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, sums};
+}
+
+at::Tensor dice_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& pred_in,
+                                   const at::Tensor& target_in, const at::Tensor& sums_in,
+                                   bool logits, double eps) {
+  check_pred_target(pred_in, target_in, "dice_loss_backward");
+  const int64_t n = pred_in.size(0);
+  const int64_t p = pred_in.size(1);
+  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == n &&
+                  at::isFloatingType(grad_loss_in.scalar_type()),
+              "dice_loss_backward: grad_loss must be a floating (", n, ",) tensor, got ",
+              grad_loss_in.scalar_type(), " ", grad_loss_in.sizes());
+  TORCH_CHECK(sums_in.dim() == 2 && sums_in.size(0) == n && sums_in.size(1) == 3 &&
+                  at::isFloatingType(sums_in.scalar_type()),
+              "dice_loss_backward: sums must be the float64 (", n, ", 3) tensor returned by "
+              "dice_loss_forward, got ", sums_in.scalar_type(), " ", sums_in.sizes());
+  TORCH_CHECK(grad_loss_in.device() == pred_in.device() && sums_in.device() == pred_in.device(),
+              "dice_loss_backward: grad_loss (", grad_loss_in.device(), ") and sums (",
+              sums_in.device(), ") must be on pred's device ", pred_in.device());
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const at::Tensor pred = pred_in.contiguous();
+  at::Tensor grad = at::empty({n, p}, pred.options());
+  if (n == 0 || p == 0) return grad;
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
+  const at::Tensor sums = sums_in.to(at::kDouble).contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor coef = at::empty({n, 2}, sums.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_loss.scalar_type(),
+                                  "dice_loss_backward_cuda", [&] {
+    const unsigned blocks = static_cast<unsigned>(ceil_div(n, kThreads));
+    dice_coefficients_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        grad_loss.const_data_ptr<scalar_t>(), sums.const_data_ptr<double>(), n, eps,
+        coef.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // About 16 blocks per SM in total; each block strides over its share of a row.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t grid_y = std::min<int64_t>(n, 65535);
+  const int64_t grid_x =
+      std::max<int64_t>(1, std::min(ceil_div(16 * sms, grid_y), ceil_div(p, kThreads)));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
+                                  "dice_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_target<scalar_t>(target, [&](auto target_ptr) {
+      dice_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+          coef.const_data_ptr<double>(), pred.const_data_ptr<scalar_t>(), target_ptr, n, p,
+          logits, grad.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace solo_fast
+
+TORCH_LIBRARY_IMPL(solo_fast, CUDA, m) {
+  m.impl("dice_loss_forward", &solo_fast::dice_loss_forward_cuda);
+  m.impl("dice_loss_backward", &solo_fast::dice_loss_backward_cuda);
+}

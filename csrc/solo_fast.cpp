@@ -1,0 +1,32 @@
+// The one place where solo_fast's operator schemas are declared. Each backend registers its kernels
+// in its own file (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu) with TORCH_LIBRARY_IMPL; Python adds fake
+// kernels and autograd (solo_fast/ops/<op>.py).
+#include <torch/library.h>
+#include <torch/extension.h>
+
+TORCH_LIBRARY(solo_fast, m) {
+  // pred: (N, P) logits or probabilities; target: (N, P) uint8 or pred's dtype.
+  // Returns the loss (N,) in pred's dtype and the raw sums (N, 3) = [sum p*t, sum p*p, sum t*t]
+  // in float64, kept for the backward.
+  m.def("dice_loss_forward(Tensor pred, Tensor target, bool logits, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "dice_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor sums, bool logits, "
+      "float eps) -> Tensor");
+}
+
+namespace {
+
+bool cuda_compiled() {
+#ifdef SOLO_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "solo_fast native kernels; the operators live in torch.ops.solo_fast";
+  module.def("cuda_compiled", &cuda_compiled, "Whether the CUDA kernels were compiled into this build");
+}

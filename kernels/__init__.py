@@ -1,0 +1,1 @@
+"""Triton kernels of solo_fast, installed as solo_fast.kernels; one file per op."""

@@ -1,0 +1,9 @@
+"""solo_fast's fused ops: one public function per op, each with a PyTorch reference
+(``solo_fast.ops.reference``) and C++ CPU, CUDA and Triton backends chosen per call."""
+
+from solo_fast.ops._backend import BACKENDS, available_backends, choose_backend
+from solo_fast.ops._extension import cuda_compiled, has_ops
+from solo_fast.ops.dice_loss import dice_loss
+
+__all__ = ["BACKENDS", "available_backends", "choose_backend", "cuda_compiled", "dice_loss",
+           "has_ops"]

@@ -1,0 +1,56 @@
+"""Shared by the op tests and the benchmarks: input makers, the references, memory measurement."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from solo_fast.ops.reference import dice_loss_reference
+
+__all__ = ["dice_loss_reference", "make_dice_inputs", "peak_memory_increase"]
+
+
+def make_dice_inputs(num_masks: int, pixels: tuple[int, ...], *, dtype=torch.float32,
+                     target_dtype=torch.bool, logits: bool = True, seed: int = 0,
+                     device: str = "cpu"):
+    """Random (pred, target) for the dice loss: pred (N, *pixels), target of pred's shape.
+
+    Logits are spread over [-6, 6] so both sigmoid tails are exercised; probabilities lie in
+    [0, 1]. Target row 0 is all zero when N > 1 (the loss is then 1 whatever pred is).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = (num_masks, *pixels)
+    if logits:
+        pred = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
+    else:
+        pred = torch.rand(shape, generator=generator, dtype=torch.float64)
+    target = torch.rand(shape, generator=generator) > 0.6
+    if num_masks > 1:
+        target[0] = False
+    pred = pred.to(dtype=dtype, device=device)
+    target = target.to(dtype=target_dtype, device=device)
+    return pred, target
+
+
+def _memory_status() -> tuple[int, int]:
+    with open("/proc/self/status") as status:
+        text = status.read()
+    peak = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) * 1024
+    current = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) * 1024
+    return peak, current
+
+
+def peak_memory_increase(fn) -> int:
+    """Bytes by which the process's resident-set peak rises above its current size during fn().
+
+    torch's CPU allocator keeps no statistics and tracemalloc does not see it, so this resets the
+    kernel's high-water mark (/proc/self/clear_refs, Linux) and reads it back. It counts every
+    allocation fn makes and keeps or frees, torch's and the kernels' own.
+    """
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    _, before = _memory_status()
+    fn()
+    peak, _ = _memory_status()
+    return max(0, peak - before)
