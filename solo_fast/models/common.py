@@ -1,0 +1,113 @@
+"""Building blocks shared by every SOLO-family head.
+
+* :class:`ConvGNReLU`, mmcv's ``ConvModule(norm_cfg=GN)``: conv (no bias) -> GN -> ReLU, with
+  the submodule names ``conv`` and ``gn`` so that mmdetection's tower weights load unchanged.
+* :func:`coord_features`, mmdetection's ``generate_coordinate`` (SPEC §1.6).
+* :func:`resize_feats`, the FPN-to-instance-level resampling of SPEC §1.5.
+* :func:`points_nms`, the 2x2 local-maximum filter on class scores (SPEC §3.2).
+"""
+
+# N=images, C=channels, H, W=spatial size of the tensor at hand, L=levels
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ConvGNReLU",
+    "PRIOR_PROB_BIAS",
+    "coord_features",
+    "points_nms",
+    "resize_feats",
+]
+
+# mmcv's bias_init_with_prob(0.01): a sigmoid output starts at probability 0.01 (-4.59512)
+PRIOR_PROB_BIAS = -math.log((1 - 0.01) / 0.01)
+
+
+class ConvGNReLU(nn.Module):
+    """Conv (no bias) -> GroupNorm -> ReLU, as mmcv's ``ConvModule`` with a GN ``norm_cfg``.
+
+    Weights are drawn from Normal(0, 0.01) and the GN affine starts at (1, 0): the initialisation
+    mmdetection's SOLO heads give their tower convs (SPEC §2, §18.1).
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels; must be divisible by ``num_groups``.
+        kernel_size: Square kernel side; the padding keeps the spatial size (kernel_size // 2).
+        num_groups: GroupNorm groups (32 in every mmdetection config).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, *, num_groups: int = 32
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.gn = nn.GroupNorm(num_groups, out_channels)  # eps 1e-5, mmcv's GN default
+        nn.init.normal_(self.conv.weight, std=0.01)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H, W)."""
+        return F.relu(self.gn(self.conv(x)))
+
+
+def coord_features(like: Tensor) -> Tensor:
+    """CoordConv channels for a feature map: [x, y], each a linspace(-1, 1) ramp (SPEC §1.6).
+
+    x varies along columns, y along rows, and every image of the batch gets the same values.
+    The ramps are computed in float32 (as mmdetection does) and then cast to ``like``'s dtype.
+
+    Args:
+        like: (N, C, H, W); only its shape, device and dtype are used.
+
+    Returns:
+        (N, 2, H, W): channel 0 is x, channel 1 is y.
+    """
+    n, _, h, w = like.shape
+    x = torch.linspace(-1, 1, w, device=like.device)  # (W,)
+    y = torch.linspace(-1, 1, h, device=like.device)  # (H,)
+    grid = torch.stack([x.expand(h, w), y[:, None].expand(h, w)])  # (2, H, W)
+    return grid.to(like.dtype).expand(n, 2, h, w)
+
+
+def resize_feats(feats: Sequence[Tensor]) -> list[Tensor]:
+    """Resample the five FPN maps P2..P6 into the five instance levels (SPEC §1.5, §18.20-21).
+
+    Level 0 is P2 bilinearly scaled by 0.5 (source coordinates from the *given* scale, which for
+    the even sizes of a 32-padded canvas equals 2x2 average pooling); the last level is P6
+    bilinearly resized to P5's size (a non-integer ratio in general); the others pass unchanged.
+    All resizes use align_corners=False and no antialiasing.
+
+    Args:
+        feats: L >= 2 tensors (N, C, H_l, W_l), finest first.
+
+    Returns:
+        L tensors; level 0 is (N, C, H_0 / 2, W_0 / 2) and level L-1 has level L-2's size.
+    """
+    out = list(feats)
+    out[0] = F.interpolate(feats[0], scale_factor=0.5, mode="bilinear", align_corners=False)
+    out[-1] = F.interpolate(
+        feats[-1], size=feats[-2].shape[-2:], mode="bilinear", align_corners=False)
+    return out
+
+
+def points_nms(scores: Tensor) -> Tensor:
+    """Keep a cell's score iff it is >= its up, left and up-left neighbours; zero it otherwise.
+
+    mmdetection's ``points_nms(heat, kernel=2)``: a 2x2 max-pool (stride 1, padding 1) cropped to
+    the input size. Each class channel is filtered independently and ties are kept.
+
+    Args:
+        scores: (N, C, S, S) class probabilities (after the sigmoid).
+
+    Returns:
+        (N, C, S, S), ``scores`` with the suppressed cells set to 0.
+    """
+    local_max = F.max_pool2d(scores, 2, stride=1, padding=1)[:, :, :-1, :-1]  # (N, C, S, S)
+    return scores * (local_max == scores)
