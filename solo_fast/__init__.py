@@ -1,8 +1,17 @@
 """solo_fast: the SOLO family of instance segmentation models (SOLO, Decoupled SOLO, SOLOv2) with
-fused CPU, CUDA and Triton kernels."""
+fused CPU, CUDA and Triton kernels.
+
+    model = solo_fast.build_model("solov2_r50_fpn_1x_coco", num_classes=80)
+    state_dict = solo_fast.convert_mmdet_state_dict(torch.load("mmdet.pth"), "solov2_r50_fpn_1x_coco")
+    model.load_state_dict(state_dict)
+"""
 
 from solo_fast import ops
+from solo_fast.config import PRESETS, ModelConfig, get_preset
+from solo_fast.convert import convert_mmdet_state_dict
+from solo_fast.models import build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ops"]
+__all__ = ["PRESETS", "ModelConfig", "__version__", "build_model", "convert_mmdet_state_dict",
+           "get_preset", "ops"]

@@ -31,6 +31,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from solo_fast.config import parse_overrides
+    from solo_fast.convert import convert_mmdet_checkpoint
+
+    overrides = parse_overrides(args.set)
+    written = convert_mmdet_checkpoint(args.source, args.destination, args.preset,
+                                       trusted=args.trusted, **overrides)
+    print(f"wrote {args.destination}: {len(written['state_dict'])} tensors for preset "
+          f"{args.preset}" + (f" with {overrides}" if overrides else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="solo-fast",
@@ -44,12 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run every available backend of the fused ops against the reference, timed")
     demo.add_argument("--repeats", type=int, default=5, help="timed runs per backend (default 5)")
     demo.set_defaults(run=_demo)
+
+    convert = commands.add_parser(
+        "convert", help="convert an mmdetection SOLO/SOLOv2 checkpoint to solo_fast",
+        description="Rename the weights of an mmdetection SOLO-family checkpoint for solo_fast, "
+                    "check them against the preset's model and write them atomically.")
+    convert.add_argument("source", help="mmdetection checkpoint (.pth)")
+    convert.add_argument("destination", help="solo_fast checkpoint to write (.pt)")
+    convert.add_argument("--preset", required=True,
+                         help="mmdetection config name, e.g. solov2_r50_fpn_1x_coco")
+    convert.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="config override, e.g. --set num_classes=3 (repeatable)")
+    convert.add_argument("--trusted", action="store_true",
+                         help="allow arbitrary pickled objects in the source (trusted files only)")
+    convert.set_defaults(run=_convert)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as error:
+        print(f"solo-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

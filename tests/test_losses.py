@@ -5,7 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from solo_fast.losses import sigmoid_focal_loss
+from solo_fast.losses import SOLOv2Criterion, sigmoid_focal_loss
+from solo_fast.models.solov2 import mmdet_head_key_map
+from solo_fast.targets import TargetConfig
+from tests.models.test_solov2 import _fixture_head
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mmdet"
 FOCAL_CASES = torch.load(FIXTURES / "focal_loss.pt", weights_only=False)["cases"]
@@ -24,3 +27,78 @@ def test_focal_loss_matches_mmdetection(case):
 def test_focal_loss_rejects_mismatched_labels():
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
         sigmoid_focal_loss(torch.zeros(4, 3), torch.zeros(5, dtype=torch.int64), avg_factor=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# SOLOv2 criterion against head_solov2.pt (mmdetection's loss_by_feat on a small head)
+
+SOLOV2 = torch.load(FIXTURES / "head_solov2.pt", weights_only=False)
+
+
+def _solov2_criterion(backend):
+    cfg = SOLOV2["head_cfg"]
+    targets = TargetConfig(num_grids=tuple(cfg["num_grids"]),
+                           scale_ranges=tuple(cfg["scale_ranges"]), strides=tuple(cfg["strides"]),
+                           pos_scale=cfg["pos_scale"], num_classes=cfg["num_classes"])
+    return SOLOv2Criterion(targets=targets, dice_backend=backend)
+
+
+def _solov2_gt(empty=False):
+    return [{"masks": g["masks"][:0] if empty else g["masks"],
+             "labels": g["labels"][:0] if empty else g["labels"],
+             "boxes": g["bboxes"][:0] if empty else g["bboxes"]}
+            for g in SOLOV2["inputs"]["batch_gt_instances"]]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_solov2_criterion_matches_mmdetection(backend):
+    head = _fixture_head(SOLOV2).train()
+    feats = [f.clone().requires_grad_(True) for f in SOLOV2["inputs"]["feats"]]
+    outputs = head(feats)
+    for tensor in outputs.kernel_preds + [outputs.mask_feats]:
+        tensor.retain_grad()
+    losses = _solov2_criterion(backend)(outputs, _solov2_gt())
+    expected = SOLOV2["train"]
+    for name in ("loss_mask", "loss_cls"):
+        torch.testing.assert_close(losses[name].detach(), expected["loss"][name], rtol=1e-5, atol=0)
+
+    losses["loss_mask"].backward(retain_graph=True)
+    grads = expected["grad_outputs"]
+    torch.testing.assert_close(outputs.mask_feats.grad, grads["mask_feats"], rtol=1e-4, atol=1e-6)
+    for level, (kernel, sparse) in enumerate(zip(outputs.kernel_preds, grads["mlvl_kernel_preds"])):
+        dense = torch.zeros(sparse["shape"]).flatten(2)  # (N, E, S*S)
+        for image, (cells, values) in enumerate(zip(sparse["cells"], sparse["values"])):
+            dense[image][:, cells] = values
+        torch.testing.assert_close(kernel.grad.flatten(2), dense, rtol=1e-4, atol=1e-6,
+                                   msg=f"level {level}")
+
+    head.zero_grad()
+    for feat in feats:
+        feat.grad = None
+    (losses["loss_mask"] + losses["loss_cls"]).backward()
+    named = dict(head.named_parameters())
+    for mmdet_name, expected_grad in expected["grad_params_total"].items():
+        grad = named[mmdet_head_key_map(mmdet_name)].grad
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6, msg=mmdet_name)
+    for feat, expected_grad in zip(feats, expected["grad_feats_total"]):
+        torch.testing.assert_close(feat.grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_solov2_criterion_empty_ground_truth():
+    head = _fixture_head(SOLOV2).train()
+    outputs = head(SOLOV2["inputs"]["feats"])
+    losses = _solov2_criterion(None)(outputs, _solov2_gt(empty=True))
+    assert losses["loss_mask"].item() == 0 and losses["loss_mask"].requires_grad
+    torch.testing.assert_close(losses["loss_cls"].detach(),
+                               SOLOV2["train"]["loss_empty_gt"]["loss_cls"], rtol=1e-5, atol=0)
+    (losses["loss_mask"] + losses["loss_cls"]).backward()  # the mask branch stays in the graph
+    assert head.mask_feat.out_conv.conv.weight.grad is not None
+
+
+def test_solov2_criterion_one_instance_gives_both_losses():
+    head = _fixture_head(SOLOV2).train()
+    outputs = head(SOLOV2["inputs"]["feats"])
+    gt = _solov2_gt()
+    one = [{key: value[:1] for key, value in gt[0].items()}, _solov2_gt(empty=True)[1]]
+    losses = _solov2_criterion(None)(outputs, one)
+    assert losses["loss_mask"].item() > 0 and losses["loss_cls"].item() > 0

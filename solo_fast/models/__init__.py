@@ -9,10 +9,11 @@ are imported only when such a config is built.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from torch import nn
 
-from solo_fast.config import ModelConfig
+from solo_fast.config import ModelConfig, apply_overrides, get_preset
 from solo_fast.models.backbone import FPN, ResNet, build_backbone, build_neck
 from solo_fast.models.common import ConvGNReLU, coord_features, points_nms, resize_feats
 from solo_fast.models.solov2 import (
@@ -50,12 +51,25 @@ _BUILDERS = {
 }
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The detector of a config, e.g. ``build_model(get_preset("solov2_r50_fpn_1x_coco"))``.
+def build_model(preset: str | ModelConfig, /, **overrides: Any) -> nn.Module:
+    """The detector of a preset or config.
+
+    Examples::
+
+        build_model("solov2_r50_fpn_1x_coco", num_classes=3)
+        build_model(get_preset("solo_r50_fpn_3x_coco"))
+
+    Args:
+        preset: A name of :data:`~solo_fast.config.PRESETS` or a :class:`ModelConfig`.
+        **overrides: Config fields to change (:func:`~solo_fast.config.get_preset`).
 
     Raises:
+        ValueError: an unknown preset or override.
         NotImplementedError: DCN / ResNeXt configs, or a family whose module is not available.
     """
+    cfg = preset if isinstance(preset, ModelConfig) else get_preset(preset)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
     if cfg.head.family == "solov2":
         return build_solov2(cfg)
     module_name, builder = _BUILDERS[cfg.head.family]
