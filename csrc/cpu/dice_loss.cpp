@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "dice_loss.h"
 
 // One binary for every x86-64 machine: the loops are compiled for AVX-512, AVX2 and the baseline,
@@ -223,6 +224,7 @@ at::Tensor dice_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tens
   if (num_masks == 0 || pixels == 0) {
     return grad;
   }
+  advise_huge_pages(grad);
 
   const int64_t chunks = (pixels + kTaskPixels - 1) / kTaskPixels;
   const double* g = ptr<double>(grad_loss);
