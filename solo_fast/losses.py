@@ -1,12 +1,21 @@
 """Losses of the SOLO family, as mmdetection 3.3 computes them (SPEC section 8).
 
-The per-mask dice loss is the fused op ``solo_fast.ops.dice_loss``; this module holds the focal
-loss of the category branch. The per-family criteria combine them with the targets of
-``solo_fast.targets``.
+The criteria take a head's raw outputs and the GT instances of a batch and return
+``{"loss_mask": ..., "loss_cls": ...}``:
+
+* loss_mask: the dice loss (the fused op ``solo_fast.ops.dice_loss``) of every positive against
+  its GT mask at the mask-map size, times ``mask_loss_weight``, summed over all levels and images
+  and divided by the number of positive cells. With no positive it is exactly 0 and still part of
+  the graph, as in mmdetection.
+* loss_cls: the focal loss over every cell of every level and image, divided by num_pos + 1.
+
+No dense (S*S, h, w) target stack is built: each positive gathers its own prediction and its GT
+mask (``LevelTargets.gt_masks[pos_instance]``).
 """
 
-# M=cells of the whole batch (all images and levels), C=classes, N=images, K=positives,
-# E=mask-feature channels, h, w=mask-map size
+# M=cells of the whole batch (all images and levels), C=classes, N=images, L=levels,
+# S=grid side of a level, G=S*S cells of a level, K=positives, E=mask-feature channels,
+# h, w=a level's mask-map size
 
 from __future__ import annotations
 
@@ -18,10 +27,17 @@ from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig
 from solo_fast.ops import dice_loss
-from solo_fast.targets import LevelTargets, TargetConfig, solov2_targets
+from solo_fast.targets import (
+    LevelTargets,
+    TargetConfig,
+    decoupled_solo_targets,
+    solo_targets,
+    solov2_targets,
+)
 
-__all__ = ["FLOAT32_EPS", "SOLOv2Criterion", "category_loss", "dynamic_mask_logits",
-           "sigmoid_focal_loss", "target_config"]
+__all__ = ["FLOAT32_EPS", "DecoupledSOLOCriterion", "SOLOCriterion", "SOLOv2Criterion",
+           "build_criterion", "category_loss", "dynamic_mask_logits", "sigmoid_focal_loss",
+           "target_config"]
 
 # mmdetection's weight_reduce_loss adds float32 machine epsilon to avg_factor.
 FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -79,20 +95,8 @@ def category_loss(cls_preds: Sequence[Tensor], levels: Sequence[LevelTargets], *
     return sigmoid_focal_loss(logits, labels, avg_factor=num_pos + 1, gamma=gamma, alpha=alpha)
 
 
-class SOLOv2Criterion(nn.Module):
-    """The training losses of SOLOv2 and Light SOLOv2 (SPEC section 8.3).
-
-    Every positive (duplicates included) gets the dynamic mask ``kernel . mask_feats`` of its image;
-    its dice loss against the GT mask it is assigned to is weighted by ``mask_loss_weight`` and the
-    sum is divided by the number of *distinct* positive cells. The category loss is the focal loss
-    of :func:`category_loss`.
-
-    Args:
-        targets: Grid assignment settings (:func:`target_config` of the head config).
-        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
-        focal_gamma, focal_alpha: Focal loss parameters.
-        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
-    """
+class _Criterion(nn.Module):
+    """What both criteria share: settings, the mask-loss reduction and the category loss."""
 
     def __init__(self, *, targets: TargetConfig, mask_loss_weight: float = 3.0,
                  focal_gamma: float = 2.0, focal_alpha: float = 0.25,
@@ -104,37 +108,183 @@ class SOLOv2Criterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.dice_backend = dice_backend
 
+    def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:
+        """The targets of a batch (one :class:`~solo_fast.targets.LevelTargets` per level)."""
+        raise NotImplementedError
+
+    def mask_losses(self, outputs, levels: Sequence[LevelTargets]) -> list[Tensor]:
+        """Weighted dice loss of every positive, per level: L tensors (K_l,), mmdetection's order
+        (image-major, then cell). Empty levels give empty tensors tied to the outputs."""
+        raise NotImplementedError
+
+    def empty_mask_loss(self, outputs, terms: Tensor) -> Tensor:
+        """loss_mask of a batch without positives: exactly 0, tied to every mask output so that
+        backward (and DDP) reaches every parameter of the mask branch."""
+        # mmdetection: the sum of empty selections of the mask outputs
+        return terms.sum()
+
     def forward(self, outputs, gt_instances: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of one batch.
 
         Args:
-            outputs: :class:`~solo_fast.models.solov2.SOLOv2Output` of the batch: kernel_preds
-                L x (N, E, S, S), cls_preds L x (N, C, S, S), mask_feats (N, E, H/4, W/4).
+            outputs: The head's raw outputs for the batch (``SOLOOutput``,
+                ``DecoupledSOLOOutput`` or ``SOLOv2Output`` of :mod:`solo_fast.models`).
             gt_instances: Per image ``{"masks": bool (M, Hp, Wp), "labels": int64 (M,),
-                "boxes": (M, 4) xyxy}`` on the padded canvas.
+                "boxes": (M, 4) xyxy}`` on the padded canvas (Hp, Wp = 4x the level-0 mask map).
 
         Returns:
             ``{"loss_mask": 0-d, "loss_cls": 0-d}``.
         """
-        levels = solov2_targets(gt_instances, config=self.targets)
+        levels = self.assign(gt_instances)
         num_pos = sum(level.num_pos for level in levels)
-        mask_feats = outputs.mask_feats
-        n, e, h, w = mask_feats.shape
-        # Positives of all levels in mmdetection's order (level, image, instance, cell).
-        kernels = torch.cat([
-            k.flatten(2)[level.pos_image, :, level.pos_cell]  # (K_l, E)
-            for k, level in zip(outputs.kernel_preds, levels)])  # (K, E)
-        images = torch.cat([level.pos_image for level in levels])  # (K,)
-        targets = torch.cat([level.gt_masks[level.pos_instance] for level in levels])  # (K, h, w)
-        if kernels.shape[0] == 0:
-            loss_mask = mask_feats.sum() * 0
+        terms = torch.cat(self.mask_losses(outputs, levels))  # (sum K,)
+        if terms.shape[0] == 0:
+            loss_mask = self.empty_mask_loss(outputs, terms)
         else:
-            logits = dynamic_mask_logits(kernels, images, mask_feats)  # (K, h, w)
-            dice = dice_loss(logits, targets, backend=self.dice_backend)  # (K,)
-            loss_mask = (self.mask_loss_weight * dice).sum() / num_pos
+            loss_mask = terms.sum() / num_pos
         loss_cls = category_loss(outputs.cls_preds, levels, num_pos=num_pos,
                                  gamma=self.focal_gamma, alpha=self.focal_alpha)
         return {"loss_mask": loss_mask, "loss_cls": loss_cls}
+
+
+def _gather(preds: Tensor, image: Tensor, channel: Tensor) -> Tensor:
+    """``preds[image, channel]`` for preds (N, Q, h, w) -> (K, h, w), through index_select."""
+    n, q, h, w = preds.shape
+    return preds.reshape(n * q, h, w).index_select(0, image * q + channel)  # (K, h, w)
+
+
+class SOLOCriterion(_Criterion):
+    """The training losses of SOLO (SPEC §8.3).
+
+    Each positive cell (i, j) of a level takes mask-logit channel i * S + j of its image; its dice
+    loss (sigmoid inside the op) against the GT mask it is assigned to is weighted by
+    ``mask_loss_weight``, and the sum over all positives is divided by their number. Where GTs
+    share a cell the later GT is the target (``solo_targets``).
+
+    Args:
+        targets: Grid assignment settings (:func:`~solo_fast.losses.target_config` of the head
+            config); ``targets.num_classes`` is the background label.
+        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
+        focal_gamma, focal_alpha: Focal loss parameters.
+        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
+    """
+
+    def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:
+        """:func:`solo_fast.targets.solo_targets` of the batch."""
+        return solo_targets(gt_instances, config=self.targets)
+
+    def mask_losses(self, outputs, levels: Sequence[LevelTargets]) -> list[Tensor]:
+        """Weighted dice loss of every positive, per level.
+
+        Args:
+            outputs: :class:`~solo_fast.models.solo.SOLOOutput`; mask_preds L x (N, G, h, w).
+            levels: The batch's targets.
+
+        Returns:
+            L tensors (K_l,), positives ordered by (image, cell) as mmdetection orders them.
+        """
+        losses = []
+        for preds, level in zip(outputs.mask_preds, levels):
+            logits = _gather(preds, level.pos_image, level.pos_cell)  # (K, h, w)
+            if logits.shape[0] == 0:
+                losses.append(logits.sum(dim=(1, 2)))  # (0,), still tied to the graph
+                continue
+            target = level.gt_masks[level.pos_instance]  # (K, h, w) bool
+            dice = dice_loss(logits, target, logits=True, backend=self.dice_backend)
+            losses.append(self.mask_loss_weight * dice)
+        return losses
+
+
+class DecoupledSOLOCriterion(_Criterion):
+    """The training losses of Decoupled SOLO and Decoupled SOLO Light (SPEC §8.3).
+
+    The soft mask of positive cell (i, j) is p = sigmoid(Y[i]) * sigmoid(X[j]) of its image; its
+    dice loss (no further activation) is weighted by ``mask_loss_weight`` and the sum over all
+    positives divided by their number.
+
+    Args:
+        targets: Grid assignment settings (:func:`~solo_fast.losses.target_config` of the head
+            config); ``targets.num_classes`` is the background label.
+        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
+        focal_gamma, focal_alpha: Focal loss parameters.
+        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
+    """
+
+    def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:
+        """:func:`solo_fast.targets.decoupled_solo_targets` of the batch."""
+        return decoupled_solo_targets(gt_instances, config=self.targets)
+
+    def mask_losses(self, outputs, levels: Sequence[LevelTargets]) -> list[Tensor]:
+        """Weighted dice loss of every positive, per level.
+
+        Args:
+            outputs: :class:`~solo_fast.models.decoupled_solo.DecoupledSOLOOutput`;
+                mask_preds_x and mask_preds_y L x (N, S, h, w).
+            levels: The batch's targets.
+
+        Returns:
+            L tensors (K_l,), positives ordered by (image, row, column) as mmdetection orders
+            them.
+        """
+        losses = []
+        for preds_x, preds_y, level in zip(outputs.mask_preds_x, outputs.mask_preds_y, levels):
+            if level.pos_cell.shape[0] == 0:
+                losses.append(preds_x.flatten()[:0] + preds_y.flatten()[:0])  # (0,), in the graph
+                continue
+            # the sigmoid of a whole level is cheaper than that of every positive's copy once
+            # several positives share a row or column, and elementwise it is the same value
+            prob_x = _gather(preds_x.sigmoid(), level.pos_image, level.pos_col)  # (K, h, w)
+            prob_y = _gather(preds_y.sigmoid(), level.pos_image, level.pos_row)  # (K, h, w)
+            target = level.gt_masks[level.pos_instance]  # (K, h, w) bool
+            dice = dice_loss(prob_y * prob_x, target, logits=False, backend=self.dice_backend)
+            losses.append(self.mask_loss_weight * dice)
+        return losses
+
+
+class SOLOv2Criterion(_Criterion):
+    """The training losses of SOLOv2 and Light SOLOv2 (SPEC section 8.3).
+
+    Every positive (duplicates included) gets the dynamic mask ``kernel . mask_feats`` of its
+    image; its dice loss (sigmoid inside the op) against the GT mask it is assigned to is weighted
+    by ``mask_loss_weight``, and the sum is divided by the number of *distinct* positive cells.
+
+    Args:
+        targets: Grid assignment settings (:func:`target_config` of the head config).
+        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
+        focal_gamma, focal_alpha: Focal loss parameters.
+        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
+    """
+
+    def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:
+        """:func:`solo_fast.targets.solov2_targets` of the batch."""
+        return solov2_targets(gt_instances, config=self.targets)
+
+    def mask_losses(self, outputs, levels: Sequence[LevelTargets]) -> list[Tensor]:
+        """Weighted dice loss of every positive, per level.
+
+        Args:
+            outputs: ``SOLOv2Output``; kernel_preds L x (N, E, S, S), mask_feats (N, E, h, w).
+            levels: The batch's targets.
+
+        Returns:
+            L tensors (K_l,), positives ordered by (image, instance, cell) as mmdetection orders
+            them.
+        """
+        losses = []
+        for kernel_preds, level in zip(outputs.kernel_preds, levels):
+            kernels = kernel_preds.flatten(2)[level.pos_image, :, level.pos_cell]  # (K, E)
+            if kernels.shape[0] == 0:
+                losses.append(kernels.sum(dim=1))  # (0,)
+                continue
+            logits = dynamic_mask_logits(kernels, level.pos_image, outputs.mask_feats)  # (K, h, w)
+            target = level.gt_masks[level.pos_instance]  # (K, h, w) bool
+            dice = dice_loss(logits, target, logits=True, backend=self.dice_backend)
+            losses.append(self.mask_loss_weight * dice)
+        return losses
+
+    def empty_mask_loss(self, outputs, terms: Tensor) -> Tensor:
+        """mmdetection's ``mask_feats.sum() * 0``: the mask-feature branch stays in the graph."""
+        return outputs.mask_feats.sum() * 0
 
 
 def dynamic_mask_logits(kernels: Tensor, images: Tensor, mask_feats: Tensor) -> Tensor:
@@ -154,3 +304,14 @@ def dynamic_mask_logits(kernels: Tensor, images: Tensor, mask_feats: Tensor) -> 
         selected = images == image
         logits[selected] = kernels[selected] @ mask_feats[image].reshape(e, h * w)
     return logits.reshape(-1, h, w)  # (K, h, w)
+
+
+_CRITERIA = {"solo": SOLOCriterion, "decoupled_solo": DecoupledSOLOCriterion,
+             "decoupled_solo_light": DecoupledSOLOCriterion, "solov2": SOLOv2Criterion}
+
+
+def build_criterion(head: HeadConfig, *, dice_backend: str | None = None) -> _Criterion:
+    """The criterion of a head config's family, with its loss weights and focal parameters."""
+    return _CRITERIA[head.family](
+        targets=target_config(head), mask_loss_weight=head.mask_loss_weight,
+        focal_gamma=head.focal_gamma, focal_alpha=head.focal_alpha, dice_backend=dice_backend)

@@ -172,7 +172,7 @@ def test_mmdetection_golden(backend, case):
 
 def test_fused_backward_allocates_only_the_gradient():
     assert has_ops(), "solo_fast._C is not built"
-    pred, target = make_dice_inputs(64, (200, 272))
+    pred, target = make_dice_inputs(128, (200, 272))
     pred.requires_grad_(True)
     gradient_bytes = pred.numel() * pred.element_size()
 
@@ -185,8 +185,9 @@ def test_fused_backward_allocates_only_the_gradient():
     fused_peak = peak_memory_increase(fused)
     pred.grad = None
     reference_peak = peak_memory_increase(reference)
-    # The gradient itself, plus at most a few percent of it (partial sums, page rounding).
-    assert fused_peak <= 1.1 * gradient_bytes, (fused_peak, gradient_bytes)
+    # The gradient itself plus a few MB of noise (partial sums, thread stacks, page rounding): any
+    # full-size float temporary would double it.
+    assert fused_peak <= 1.2 * gradient_bytes, (fused_peak, gradient_bytes)
     assert reference_peak >= 2 * gradient_bytes, (reference_peak, gradient_bytes)
 
 
