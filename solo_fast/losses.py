@@ -283,8 +283,10 @@ class SOLOv2Criterion(_Criterion):
         return losses
 
     def empty_mask_loss(self, outputs, terms: Tensor) -> Tensor:
-        """mmdetection's ``mask_feats.sum() * 0``: the mask-feature branch stays in the graph."""
-        return outputs.mask_feats.sum() * 0
+        """mmdetection's ``mask_feats.sum() * 0``, plus the kernel branch times 0: the value and
+        the gradients are mmdetection's (zeros), and under DDP no parameter is left unused."""
+        kernels = sum(kernel_preds.sum() for kernel_preds in outputs.kernel_preds)
+        return (outputs.mask_feats.sum() + kernels) * 0
 
 
 def dynamic_mask_logits(kernels: Tensor, images: Tensor, mask_feats: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ mmdetection (``mask_head.`` prefix in a detector)  solo_fast (``head.`` prefix)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -34,8 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig, ModelConfig
-from solo_fast.models.backbone import build_backbone, build_neck, mmdet_backbone_neck_key
 from solo_fast.models.common import PRIOR_PROB_BIAS, ConvGNReLU, coord_features, resize_feats
+from solo_fast.models.detector import (
+    CONV_GN_KEYS,
+    SOLODetector,
+    build_detector,
+    mmdet_detector_key,
+    rename_key,
+)
 from solo_fast.models.solo import category_logits
 
 __all__ = [
@@ -45,7 +51,6 @@ __all__ = [
     "DecoupledSOLOOutput",
     "build_decoupled_solo",
     "build_decoupled_solo_head",
-    "convert_mmdet_state_dict",
     "mmdet_head_key_map",
     "mmdet_model_key_map",
 ]
@@ -216,32 +221,9 @@ class DecoupledSOLOLightHead(_DecoupledHeadBase):
         return x, x
 
 
-class DecoupledSOLO(nn.Module):
-    """Backbone -> FPN -> :class:`DecoupledSOLOHead` or :class:`DecoupledSOLOLightHead`.
-
-    Args:
-        backbone: Images (N, 3, H, W) -> C2..C5.
-        neck: C2..C5 -> P2..P6.
-        head: The Decoupled SOLO (or Light) head.
-    """
-
-    def __init__(self, *, backbone: nn.Module, neck: nn.Module,
-                 head: DecoupledSOLOHead | DecoupledSOLOLightHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.neck = neck
-        self.head = head
-
-    def forward(self, images: Tensor) -> DecoupledSOLOOutput:
-        """Raw head outputs.
-
-        Args:
-            images: (N, 3, H, W) normalised images, zero-padded to multiples of 32.
-
-        Returns:
-            :class:`DecoupledSOLOOutput`.
-        """
-        return self.head(self.neck(self.backbone(images)))
+class DecoupledSOLO(SOLODetector):
+    """Backbone -> FPN -> :class:`DecoupledSOLOHead` or :class:`DecoupledSOLOLightHead`; outputs
+    :class:`DecoupledSOLOOutput`."""
 
 
 _HEADS = {"decoupled_solo": DecoupledSOLOHead, "decoupled_solo_light": DecoupledSOLOLightHead}
@@ -271,87 +253,29 @@ def build_decoupled_solo(cfg: ModelConfig) -> DecoupledSOLO:
     """A Decoupled SOLO / Decoupled SOLO Light detector from a config, e.g. a
     :data:`~solo_fast.config.PRESETS` one.
 
-    The backbone's ImageNet weights are loaded when ``cfg.backbone.pretrained`` is set.
-
     Raises:
         NotImplementedError: DCN or ResNeXt configs (checked before anything is built).
     """
-    if cfg.backbone.dcn or cfg.backbone.groups != 1 or cfg.head.dcn:
-        raise NotImplementedError(
-            f"DCN/ResNeXt is not supported yet, so {cfg.name!r} cannot be built: solo_fast has "
-            f"no deformable convolution and no ResNeXt backbone")
-    head = build_decoupled_solo_head(cfg.head)
-    backbone = build_backbone(cfg.backbone)
-    neck = build_neck(cfg.neck, backbone.out_channels)
-    return DecoupledSOLO(backbone=backbone, neck=neck, head=head)
+    return build_detector(cfg, build_decoupled_solo_head, DecoupledSOLO)
 
 
 # ------------------------------------------------------------------- mmdetection checkpoint names
 
-# whole keys only: DCN heads have extra ones (conv_offset) that must not slip through
-_CONV_GN = r"(conv\.weight|gn\.weight|gn\.bias)$"  # a ConvGNReLU / bias-free ConvModule
 _HEAD_KEYS = [
     (re.compile(r"^conv_mask_list_(x|y)\.(\d+)\.(weight|bias)$"), r"mask_pred_\1.\2.\3"),
     (re.compile(r"^conv_cls\.(weight|bias)$"), r"cls_pred.\1"),
-    (re.compile(r"^(mask_convs_x|mask_convs_y|mask_convs|cls_convs)\.(\d+)\." + _CONV_GN),
+    (re.compile(r"^(mask_convs_x|mask_convs_y|mask_convs|cls_convs)\.(\d+)\." + CONV_GN_KEYS),
      r"\1.\2.\3"),
 ]
 
 
 def mmdet_head_key_map(key: str) -> str:
     """The solo_fast name of an mmdetection ``DecoupledSOLOHead`` / ``DecoupledSOLOLightHead``
-    state-dict key.
-
-    Args:
-        key: A key of the head alone, e.g. ``"conv_mask_list_x.0.weight"`` (no ``mask_head.``
-            prefix).
-
-    Returns:
-        The solo_fast key, e.g. ``"mask_pred_x.0.weight"``.
-
-    Raises:
-        KeyError: not a key of an mmdetection Decoupled SOLO head.
-    """
-    for pattern, replacement in _HEAD_KEYS:
-        if pattern.match(key):
-            return pattern.sub(replacement, key)
-    raise KeyError(f"not a key of an mmdetection DecoupledSOLOHead / DecoupledSOLOLightHead "
-                   f"(without DCN): {key!r}")
+    key (no ``mask_head.`` prefix), e.g. ``"conv_mask_list_x.0.weight"`` ->
+    ``"mask_pred_x.0.weight"``; KeyError for other keys."""
+    return rename_key(key, _HEAD_KEYS, "DecoupledSOLOHead")
 
 
 def mmdet_model_key_map(key: str) -> str:
-    """The :class:`DecoupledSOLO` name of a full mmdetection Decoupled SOLO detector key.
-
-    Args:
-        key: ``backbone.*``, ``neck.*`` or ``mask_head.*``, as in released checkpoints.
-
-    Returns:
-        The solo_fast key (``backbone.*``, ``neck.*`` or ``head.*``).
-
-    Raises:
-        KeyError: a key that no part of the detector has.
-    """
-    if key.startswith("mask_head."):
-        return "head." + mmdet_head_key_map(key[len("mask_head."):])
-    mapped = mmdet_backbone_neck_key(key)
-    if mapped is None:
-        raise KeyError(f"not a key of an mmdetection Decoupled SOLO detector: {key!r}")
-    return mapped
-
-
-def convert_mmdet_state_dict(
-    state_dict: Mapping[str, Tensor], *, head_only: bool = False
-) -> dict[str, Tensor]:
-    """Rename an mmdetection Decoupled SOLO (or Light) state dict for :class:`DecoupledSOLO`
-    (or its head).
-
-    Args:
-        state_dict: mmdetection's ``model.state_dict()`` (a checkpoint's ``"state_dict"``), or a
-            bare head's when ``head_only``.
-        head_only: Keys are those of the head alone (no ``mask_head.`` prefix).
-
-    Returns:
-        The same tensors under solo_fast names, ready for ``load_state_dict(..., strict=True)``.
-    """
-    rename = mmdet_head_key_map if head_only else mmdet_model_key_map
-    return {rename(k): v for k, v in state_dict.items()}
+    """The :class:`DecoupledSOLO` name of a full mmdetection detector key; KeyError otherwise."""
+    return mmdet_detector_key(key, mmdet_head_key_map)

@@ -7,8 +7,8 @@ resizes every mask map to level 0's size and points-NMSes the class scores (SPEC
 here those steps belong to the post-processing.
 
 Parameter names differ from mmdetection's where those are awkward; :func:`mmdet_head_key_map`
-and :func:`mmdet_model_key_map` translate, and :func:`convert_mmdet_state_dict` converts a whole
-checkpoint:
+and :func:`mmdet_model_key_map` translate (:func:`solo_fast.convert_mmdet_state_dict` converts a
+whole checkpoint):
 
 ================================================  ====================================
 mmdetection (``mask_head.`` prefix in a detector)  solo_fast (``head.`` prefix)
@@ -26,7 +26,7 @@ mmdetection (``mask_head.`` prefix in a detector)  solo_fast (``head.`` prefix)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -34,8 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig, ModelConfig
-from solo_fast.models.backbone import build_backbone, build_neck, mmdet_backbone_neck_key
 from solo_fast.models.common import PRIOR_PROB_BIAS, ConvGNReLU, coord_features, resize_feats
+from solo_fast.models.detector import (
+    CONV_GN_KEYS,
+    SOLODetector,
+    build_detector,
+    mmdet_detector_key,
+    rename_key,
+)
 
 __all__ = [
     "SOLO",
@@ -44,7 +50,6 @@ __all__ = [
     "build_solo",
     "build_solo_head",
     "category_logits",
-    "convert_mmdet_state_dict",
     "mmdet_head_key_map",
     "mmdet_model_key_map",
 ]
@@ -163,31 +168,8 @@ class SOLOHead(nn.Module):
         return SOLOOutput(mask_preds, cls_preds)
 
 
-class SOLO(nn.Module):
-    """Backbone -> FPN -> :class:`SOLOHead`.
-
-    Args:
-        backbone: Images (N, 3, H, W) -> C2..C5.
-        neck: C2..C5 -> P2..P6.
-        head: The SOLO head.
-    """
-
-    def __init__(self, *, backbone: nn.Module, neck: nn.Module, head: SOLOHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.neck = neck
-        self.head = head
-
-    def forward(self, images: Tensor) -> SOLOOutput:
-        """Raw head outputs.
-
-        Args:
-            images: (N, 3, H, W) normalised images, zero-padded to multiples of 32.
-
-        Returns:
-            :class:`SOLOOutput`.
-        """
-        return self.head(self.neck(self.backbone(images)))
+class SOLO(SOLODetector):
+    """Backbone -> FPN -> :class:`SOLOHead`; outputs :class:`SOLOOutput`."""
 
 
 def build_solo_head(cfg: HeadConfig) -> SOLOHead:
@@ -211,83 +193,27 @@ def build_solo_head(cfg: HeadConfig) -> SOLOHead:
 def build_solo(cfg: ModelConfig) -> SOLO:
     """A SOLO detector from a config, e.g. a :data:`~solo_fast.config.PRESETS` one.
 
-    The backbone's ImageNet weights are loaded when ``cfg.backbone.pretrained`` is set.
-
     Raises:
         NotImplementedError: DCN or ResNeXt configs (checked before anything is built).
     """
-    if cfg.backbone.dcn or cfg.backbone.groups != 1 or cfg.head.dcn:
-        raise NotImplementedError(
-            f"DCN/ResNeXt is not supported yet, so {cfg.name!r} cannot be built: solo_fast has "
-            f"no deformable convolution and no ResNeXt backbone")
-    head = build_solo_head(cfg.head)
-    backbone = build_backbone(cfg.backbone)
-    neck = build_neck(cfg.neck, backbone.out_channels)
-    return SOLO(backbone=backbone, neck=neck, head=head)
+    return build_detector(cfg, build_solo_head, SOLO)
 
 
 # ------------------------------------------------------------------- mmdetection checkpoint names
 
-# whole keys only: DCN heads have extra ones (conv_offset) that must not slip through
-_CONV_GN = r"(conv\.weight|gn\.weight|gn\.bias)$"  # a ConvGNReLU / bias-free ConvModule
 _HEAD_KEYS = [
     (re.compile(r"^conv_mask_list\.(\d+)\.(weight|bias)$"), r"mask_pred.\1.\2"),
     (re.compile(r"^conv_cls\.(weight|bias)$"), r"cls_pred.\1"),
-    (re.compile(r"^(mask_convs|cls_convs)\.(\d+)\." + _CONV_GN), r"\1.\2.\3"),
+    (re.compile(r"^(mask_convs|cls_convs)\.(\d+)\." + CONV_GN_KEYS), r"\1.\2.\3"),
 ]
 
 
 def mmdet_head_key_map(key: str) -> str:
-    """The :class:`SOLOHead` name of an mmdetection ``SOLOHead`` state-dict key.
-
-    Args:
-        key: A key of the head alone, e.g. ``"conv_mask_list.0.weight"`` (no ``mask_head.``
-            prefix).
-
-    Returns:
-        The solo_fast key, e.g. ``"mask_pred.0.weight"``.
-
-    Raises:
-        KeyError: not a key of an mmdetection SOLO head.
-    """
-    for pattern, replacement in _HEAD_KEYS:
-        if pattern.match(key):
-            return pattern.sub(replacement, key)
-    raise KeyError(f"not a key of an mmdetection SOLOHead (without DCN): {key!r}")
+    """The :class:`SOLOHead` name of an mmdetection ``SOLOHead`` key (no ``mask_head.`` prefix),
+    e.g. ``"conv_mask_list.0.weight"`` -> ``"mask_pred.0.weight"``; KeyError for other keys."""
+    return rename_key(key, _HEAD_KEYS, "SOLOHead")
 
 
 def mmdet_model_key_map(key: str) -> str:
-    """The :class:`SOLO` name of a full mmdetection SOLO detector key.
-
-    Args:
-        key: ``backbone.*``, ``neck.*`` or ``mask_head.*``, as in released checkpoints.
-
-    Returns:
-        The solo_fast key (``backbone.*``, ``neck.*`` or ``head.*``).
-
-    Raises:
-        KeyError: a key that no part of the detector has.
-    """
-    if key.startswith("mask_head."):
-        return "head." + mmdet_head_key_map(key[len("mask_head."):])
-    mapped = mmdet_backbone_neck_key(key)
-    if mapped is None:
-        raise KeyError(f"not a key of an mmdetection SOLO detector: {key!r}")
-    return mapped
-
-
-def convert_mmdet_state_dict(
-    state_dict: Mapping[str, Tensor], *, head_only: bool = False
-) -> dict[str, Tensor]:
-    """Rename an mmdetection SOLO state dict for :class:`SOLO` (or :class:`SOLOHead`).
-
-    Args:
-        state_dict: mmdetection's ``model.state_dict()`` (a checkpoint's ``"state_dict"``), or a
-            bare ``SOLOHead``'s when ``head_only``.
-        head_only: Keys are those of the head alone (no ``mask_head.`` prefix).
-
-    Returns:
-        The same tensors under solo_fast names, ready for ``load_state_dict(..., strict=True)``.
-    """
-    rename = mmdet_head_key_map if head_only else mmdet_model_key_map
-    return {rename(k): v for k, v in state_dict.items()}
+    """The :class:`SOLO` name of a full mmdetection SOLO detector key; KeyError for other keys."""
+    return mmdet_detector_key(key, mmdet_head_key_map)

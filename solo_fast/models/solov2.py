@@ -5,8 +5,8 @@ nothing else: the criterion (losses) and the post-processing (predictions) are s
 SOLOv2's forward does no eval-mode processing, so train- and eval-mode outputs are the same.
 
 Parameter names differ from mmdetection's where those are awkward; :func:`mmdet_head_key_map`
-and :func:`mmdet_model_key_map` translate, and :func:`convert_mmdet_state_dict` converts a whole
-checkpoint:
+and :func:`mmdet_model_key_map` translate (:func:`solo_fast.convert_mmdet_state_dict` converts a
+whole checkpoint):
 
 ================================================  ====================================
 mmdetection (``mask_head.`` prefix in a detector)  solo_fast (``head.`` prefix)
@@ -26,7 +26,7 @@ mmdetection (``mask_head.`` prefix in a detector)  solo_fast (``head.`` prefix)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -34,8 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig, ModelConfig
-from solo_fast.models.backbone import build_backbone, build_neck, mmdet_backbone_neck_key
 from solo_fast.models.common import PRIOR_PROB_BIAS, ConvGNReLU, coord_features, resize_feats
+from solo_fast.models.detector import (
+    CONV_GN_KEYS,
+    SOLODetector,
+    build_detector,
+    mmdet_detector_key,
+    rename_key,
+)
 
 __all__ = [
     "MaskFeatModule",
@@ -44,7 +50,6 @@ __all__ = [
     "SOLOv2Output",
     "build_solov2",
     "build_solov2_head",
-    "convert_mmdet_state_dict",
     "mmdet_head_key_map",
     "mmdet_model_key_map",
 ]
@@ -204,31 +209,8 @@ class SOLOv2Head(nn.Module):
         return SOLOv2Output(kernel_preds, cls_preds, mask_feats)
 
 
-class SOLOv2(nn.Module):
-    """Backbone -> FPN -> :class:`SOLOv2Head`.
-
-    Args:
-        backbone: Images (N, 3, H, W) -> C2..C5.
-        neck: C2..C5 -> P2..P6.
-        head: The SOLOv2 head.
-    """
-
-    def __init__(self, *, backbone: nn.Module, neck: nn.Module, head: SOLOv2Head) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.neck = neck
-        self.head = head
-
-    def forward(self, images: Tensor) -> SOLOv2Output:
-        """Raw head outputs.
-
-        Args:
-            images: (N, 3, H, W) normalised images, zero-padded to multiples of 32.
-
-        Returns:
-            :class:`SOLOv2Output`.
-        """
-        return self.head(self.neck(self.backbone(images)))
+class SOLOv2(SOLODetector):
+    """Backbone -> FPN -> :class:`SOLOv2Head`; outputs :class:`SOLOv2Output`."""
 
 
 def build_solov2_head(cfg: HeadConfig) -> SOLOv2Head:
@@ -259,88 +241,34 @@ def build_solov2_head(cfg: HeadConfig) -> SOLOv2Head:
 
 
 def build_solov2(cfg: ModelConfig) -> SOLOv2:
-    """A SOLOv2 / Light SOLOv2 detector from a config, e.g. a :data:`~solo_fast.config.PRESETS` one.
-
-    The backbone's ImageNet weights are loaded when ``cfg.backbone.pretrained`` is set.
+    """A SOLOv2 / Light SOLOv2 detector from a config, e.g. a :data:`~solo_fast.config.PRESETS`
+    one.
 
     Raises:
         NotImplementedError: DCN or ResNeXt configs (checked before anything is built).
     """
-    if cfg.backbone.dcn or cfg.backbone.groups != 1 or cfg.head.dcn or cfg.head.mask_feat_dcn:
-        raise NotImplementedError(
-            f"DCN/ResNeXt is not supported yet, so {cfg.name!r} cannot be built: solo_fast has "
-            f"no deformable convolution and no ResNeXt backbone")
-    head = build_solov2_head(cfg.head)
-    backbone = build_backbone(cfg.backbone)
-    neck = build_neck(cfg.neck, backbone.out_channels)
-    return SOLOv2(backbone=backbone, neck=neck, head=head)
+    return build_detector(cfg, build_solov2_head, SOLOv2)
 
 
 # ------------------------------------------------------------------- mmdetection checkpoint names
 
-# whole keys only: DCN heads have extra ones (conv_offset) that must not slip through
-_CONV_GN = r"(conv\.weight|gn\.weight|gn\.bias)$"  # a ConvGNReLU / bias-free ConvModule
 _HEAD_KEYS = [
     (re.compile(r"^conv_kernel\.(weight|bias)$"), r"kernel_pred.\1"),
     (re.compile(r"^conv_cls\.(weight|bias)$"), r"cls_pred.\1"),
-    (re.compile(r"^mask_feature_head\.convs_all_levels\.(\d+)\.conv(\d+)\." + _CONV_GN),
+    (re.compile(r"^mask_feature_head\.convs_all_levels\.(\d+)\.conv(\d+)\." + CONV_GN_KEYS),
      r"mask_feat.level_convs.\1.\2.\3"),
-    (re.compile(r"^mask_feature_head\.conv_pred\." + _CONV_GN), r"mask_feat.out_conv.\1"),
-    (re.compile(r"^(kernel_convs|cls_convs)\.(\d+)\." + _CONV_GN), r"\1.\2.\3"),
+    (re.compile(r"^mask_feature_head\.conv_pred\." + CONV_GN_KEYS), r"mask_feat.out_conv.\1"),
+    (re.compile(r"^(kernel_convs|cls_convs)\.(\d+)\." + CONV_GN_KEYS), r"\1.\2.\3"),
 ]
 
 
 def mmdet_head_key_map(key: str) -> str:
-    """The :class:`SOLOv2Head` name of an mmdetection ``SOLOV2Head`` state-dict key.
-
-    Args:
-        key: A key of the head alone, e.g. ``"mask_feature_head.conv_pred.conv.weight"`` (no
-            ``mask_head.`` prefix).
-
-    Returns:
-        The solo_fast key, e.g. ``"mask_feat.out_conv.conv.weight"``.
-
-    Raises:
-        KeyError: not a key of an mmdetection SOLOv2 head (DCN heads included).
-    """
-    for pattern, replacement in _HEAD_KEYS:
-        if pattern.match(key):
-            return pattern.sub(replacement, key)
-    raise KeyError(f"not a key of an mmdetection SOLOV2Head (without DCN): {key!r}")
+    """The :class:`SOLOv2Head` name of an mmdetection ``SOLOV2Head`` key (no ``mask_head.``
+    prefix), e.g. ``"mask_feature_head.conv_pred.conv.weight"`` ->
+    ``"mask_feat.out_conv.conv.weight"``; KeyError for other keys (DCN heads included)."""
+    return rename_key(key, _HEAD_KEYS, "SOLOV2Head")
 
 
 def mmdet_model_key_map(key: str) -> str:
-    """The :class:`SOLOv2` name of a full mmdetection SOLOv2 detector key.
-
-    Args:
-        key: ``backbone.*``, ``neck.*`` or ``mask_head.*``, as in released checkpoints.
-
-    Returns:
-        The solo_fast key (``backbone.*``, ``neck.*`` or ``head.*``).
-
-    Raises:
-        KeyError: a key that no part of the detector has.
-    """
-    if key.startswith("mask_head."):
-        return "head." + mmdet_head_key_map(key[len("mask_head."):])
-    mapped = mmdet_backbone_neck_key(key)
-    if mapped is None:
-        raise KeyError(f"not a key of an mmdetection SOLOv2 detector: {key!r}")
-    return mapped
-
-
-def convert_mmdet_state_dict(
-    state_dict: Mapping[str, Tensor], *, head_only: bool = False
-) -> dict[str, Tensor]:
-    """Rename an mmdetection SOLOv2 state dict for :class:`SOLOv2` (or :class:`SOLOv2Head`).
-
-    Args:
-        state_dict: mmdetection's ``model.state_dict()`` (a checkpoint's ``"state_dict"``), or a
-            bare ``SOLOV2Head``'s when ``head_only``.
-        head_only: Keys are those of the head alone (no ``mask_head.`` prefix).
-
-    Returns:
-        The same tensors under solo_fast names, ready for ``load_state_dict(..., strict=True)``.
-    """
-    rename = mmdet_head_key_map if head_only else mmdet_model_key_map
-    return {rename(k): v for k, v in state_dict.items()}
+    """The :class:`SOLOv2` name of a full mmdetection SOLOv2 detector key; KeyError otherwise."""
+    return mmdet_detector_key(key, mmdet_head_key_map)

@@ -18,7 +18,6 @@ from solo_fast.models.decoupled_solo import (
     DecoupledSOLOLightHead,
     DecoupledSOLOOutput,
     build_decoupled_solo_head,
-    convert_mmdet_state_dict,
     mmdet_head_key_map,
     mmdet_model_key_map,
 )
@@ -52,7 +51,7 @@ def fixture(request) -> dict:
 
 def _fixture_head(fixture: dict) -> DecoupledSOLOHead | DecoupledSOLOLightHead:
     head = VARIANTS[fixture["variant"]](**head_kwargs(fixture))
-    head.load_state_dict(convert_mmdet_state_dict(fixture["state_dict"], head_only=True),
+    head.load_state_dict({mmdet_head_key_map(k): v for k, v in fixture["state_dict"].items()},
                          strict=True)
     return head
 

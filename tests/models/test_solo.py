@@ -18,7 +18,6 @@ from solo_fast.models.solo import (
     SOLOHead,
     SOLOOutput,
     build_solo_head,
-    convert_mmdet_state_dict,
     mmdet_head_key_map,
     mmdet_model_key_map,
 )
@@ -126,7 +125,7 @@ def assert_keys_match_mmdet(config: str, key_map) -> None:
 
 def _fixture_head(fixture: dict) -> SOLOHead:
     head = SOLOHead(**head_kwargs(fixture))
-    head.load_state_dict(convert_mmdet_state_dict(fixture["state_dict"], head_only=True),
+    head.load_state_dict({mmdet_head_key_map(k): v for k, v in fixture["state_dict"].items()},
                          strict=True)
     return head
 

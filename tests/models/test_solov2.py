@@ -15,7 +15,6 @@ from solo_fast.models.solov2 import (
     SOLOv2Head,
     SOLOv2Output,
     build_solov2_head,
-    convert_mmdet_state_dict,
     mmdet_head_key_map,
     mmdet_model_key_map,
 )
@@ -42,7 +41,7 @@ def _fixture_head(fixture: dict) -> SOLOv2Head:
         mask_feat=mask_feat, num_classes=cfg["num_classes"], in_channels=cfg["in_channels"],
         feat_channels=cfg["feat_channels"], stacked_convs=cfg["stacked_convs"],
         num_grids=cfg["num_grids"], num_groups=cfg["norm_cfg"]["num_groups"])
-    head.load_state_dict(convert_mmdet_state_dict(fixture["state_dict"], head_only=True),
+    head.load_state_dict({mmdet_head_key_map(k): v for k, v in fixture["state_dict"].items()},
                          strict=True)
     return head
 
