@@ -96,7 +96,15 @@ def category_loss(cls_preds: Sequence[Tensor], levels: Sequence[LevelTargets], *
 
 
 class _Criterion(nn.Module):
-    """What both criteria share: settings, the mask-loss reduction and the category loss."""
+    """What every criterion shares: settings, the mask-loss reduction and the category loss.
+
+    Args:
+        targets: Grid assignment settings (:func:`~solo_fast.losses.target_config` of the head
+            config); ``targets.num_classes`` is the background label.
+        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
+        focal_gamma, focal_alpha: Focal loss parameters.
+        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
+    """
 
     def __init__(self, *, targets: TargetConfig, mask_loss_weight: float = 3.0,
                  focal_gamma: float = 2.0, focal_alpha: float = 0.25,
@@ -161,12 +169,7 @@ class SOLOCriterion(_Criterion):
     ``mask_loss_weight``, and the sum over all positives is divided by their number. Where GTs
     share a cell the later GT is the target (``solo_targets``).
 
-    Args:
-        targets: Grid assignment settings (:func:`~solo_fast.losses.target_config` of the head
-            config); ``targets.num_classes`` is the background label.
-        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
-        focal_gamma, focal_alpha: Focal loss parameters.
-        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
+    Constructor arguments: those of every criterion (``_Criterion``).
     """
 
     def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:
@@ -202,12 +205,7 @@ class DecoupledSOLOCriterion(_Criterion):
     dice loss (no further activation) is weighted by ``mask_loss_weight`` and the sum over all
     positives divided by their number.
 
-    Args:
-        targets: Grid assignment settings (:func:`~solo_fast.losses.target_config` of the head
-            config); ``targets.num_classes`` is the background label.
-        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
-        focal_gamma, focal_alpha: Focal loss parameters.
-        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
+    Constructor arguments: those of every criterion (``_Criterion``).
     """
 
     def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:
@@ -248,11 +246,7 @@ class SOLOv2Criterion(_Criterion):
     image; its dice loss (sigmoid inside the op) against the GT mask it is assigned to is weighted
     by ``mask_loss_weight``, and the sum is divided by the number of *distinct* positive cells.
 
-    Args:
-        targets: Grid assignment settings (:func:`target_config` of the head config).
-        mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
-        focal_gamma, focal_alpha: Focal loss parameters.
-        dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
+    Constructor arguments: those of every criterion (``_Criterion``).
     """
 
     def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:

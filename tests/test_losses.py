@@ -8,6 +8,7 @@ import torch
 from solo_fast.losses import SOLOv2Criterion, sigmoid_focal_loss
 from solo_fast.models.solov2 import mmdet_head_key_map
 from solo_fast.targets import TargetConfig
+from tests.models.helpers import assert_total_gradients
 from tests.models.test_solov2 import _fixture_head
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mmdet"
@@ -72,16 +73,7 @@ def test_solov2_criterion_matches_mmdetection(backend):
         torch.testing.assert_close(kernel.grad.flatten(2), dense, rtol=1e-4, atol=1e-6,
                                    msg=f"level {level}")
 
-    head.zero_grad()
-    for feat in feats:
-        feat.grad = None
-    (losses["loss_mask"] + losses["loss_cls"]).backward()
-    named = dict(head.named_parameters())
-    for mmdet_name, expected_grad in expected["grad_params_total"].items():
-        grad = named[mmdet_head_key_map(mmdet_name)].grad
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6, msg=mmdet_name)
-    for feat, expected_grad in zip(feats, expected["grad_feats_total"]):
-        torch.testing.assert_close(feat.grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert_total_gradients(head, feats, losses, expected, mmdet_head_key_map)
 
 
 def test_solov2_criterion_empty_ground_truth():

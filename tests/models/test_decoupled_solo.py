@@ -21,6 +21,7 @@ from solo_fast.models.decoupled_solo import (
     mmdet_head_key_map,
     mmdet_model_key_map,
 )
+from tests.models.helpers import assert_total_gradients
 from tests.models.test_solo import (
     BACKENDS,
     GRAD_TOL,
@@ -203,16 +204,7 @@ def test_criterion_matches_mmdet(fixture, backend):
         assert_channel_subset(out.mask_preds_y[level].grad, grads["mlvl_mask_preds_y"][level],
                               **GRAD_TOL, zero_elsewhere=True, msg=f"grad Y level {level}")
 
-    head.zero_grad()
-    for feat in feats:
-        feat.grad = None
-    (losses["loss_mask"] + losses["loss_cls"]).backward()
-    params = dict(head.named_parameters())
-    for mmdet_name, grad in expected["grad_params_total"].items():
-        torch.testing.assert_close(params[mmdet_head_key_map(mmdet_name)].grad, grad, **GRAD_TOL,
-                                   msg=lambda m: f"{mmdet_name}: {m}")
-    for feat, grad in zip(feats, expected["grad_feats_total"]):
-        torch.testing.assert_close(feat.grad, grad, **GRAD_TOL)
+    assert_total_gradients(head, feats, losses, expected, mmdet_head_key_map, **GRAD_TOL)
 
 
 def test_criterion_empty_ground_truth(fixture):

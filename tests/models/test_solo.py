@@ -22,6 +22,7 @@ from solo_fast.models.solo import (
     mmdet_model_key_map,
 )
 from solo_fast.targets import TargetConfig
+from tests.models.helpers import assert_total_gradients
 
 # N=images, L=levels, S=grid side, G=S*S cells of a level, C=classes, K=positives
 
@@ -260,16 +261,7 @@ def test_criterion_matches_mmdet(fixture, backend):
         assert_channel_subset(pred.grad, encoded, **GRAD_TOL, zero_elsewhere=True,
                               msg=f"grad level {level}")
 
-    head.zero_grad()
-    for feat in feats:
-        feat.grad = None
-    (losses["loss_mask"] + losses["loss_cls"]).backward()
-    params = dict(head.named_parameters())
-    for mmdet_name, grad in expected["grad_params_total"].items():
-        torch.testing.assert_close(params[mmdet_head_key_map(mmdet_name)].grad, grad, **GRAD_TOL,
-                                   msg=lambda m: f"{mmdet_name}: {m}")
-    for feat, grad in zip(feats, expected["grad_feats_total"]):
-        torch.testing.assert_close(feat.grad, grad, **GRAD_TOL)
+    assert_total_gradients(head, feats, losses, expected, mmdet_head_key_map, **GRAD_TOL)
 
 
 def test_criterion_empty_ground_truth(fixture):
