@@ -106,16 +106,20 @@ def build_detector(cfg: ModelConfig, build_head: Callable[[HeadConfig], nn.Modul
     """A detector of ``detector_type`` with ``build_head(cfg.head)`` on a ResNet + FPN.
 
     The backbone's ImageNet weights are loaded when ``cfg.backbone.pretrained`` is set; the
-    criterion is the family's (:func:`solo_fast.losses.build_criterion`). ``parts`` may replace
-    any constructor argument (a criterion with another dice backend, say).
+    criterion and the post-processing are the family's (:func:`solo_fast.losses.build_criterion`,
+    :func:`solo_fast.postprocess.build_postprocessor`). ``parts`` may replace any constructor
+    argument (a criterion with another dice backend, say).
     """
-    from solo_fast.losses import build_criterion  # losses imports the ops, which models need not
+    # Imported here: both import the ops, which the model modules themselves do not need.
+    from solo_fast.losses import build_criterion
+    from solo_fast.postprocess import build_postprocessor
 
     check_supported(cfg)
     head = build_head(cfg.head)
     backbone = build_backbone(cfg.backbone)
     neck = build_neck(cfg.neck, backbone.out_channels)
-    arguments = dict(backbone=backbone, neck=neck, head=head, criterion=build_criterion(cfg.head))
+    arguments = dict(backbone=backbone, neck=neck, head=head, criterion=build_criterion(cfg.head),
+                     postprocess=build_postprocessor(cfg))
     arguments.update(parts)
     return detector_type(**arguments)
 

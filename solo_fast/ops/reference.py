@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dice_loss_reference"]
+__all__ = ["dice_loss_reference", "matrix_nms_reference"]
 
 
 def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
@@ -32,3 +32,128 @@ def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
     b = (p * p).sum(1) + eps
     c = (t * t).sum(1) + eps
     return 1 - 2 * a / (b + c)
+
+
+_MATRIX_NMS_KERNELS = ("gaussian", "linear")
+
+
+def matrix_nms_reference(masks: Tensor, labels: Tensor, scores: Tensor, *,
+                         filter_thr: float = -1.0, nms_pre: int = -1, max_num: int = -1,
+                         kernel: str = "gaussian", sigma: float = 2.0,
+                         mask_area: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Matrix NMS of SOLOv2 (mmdetection ``mask_matrix_nms``, SPEC §10), step for step.
+
+    Candidates are sorted by score (descending) and cut to ``nms_pre``. For i < j (i scored
+    higher), d_ij = IoU(i, j) when both have the same label and 0 otherwise; comp_i = max_k d_ki
+    is how much candidate i is itself suppressed. Candidate j's score is multiplied by
+    ``decay_j = min_i f(d_ij) / f(comp_i)``, with f(x) = exp(-sigma x^2) (gaussian) or 1 - x
+    (linear). Scores below ``filter_thr`` are dropped, the rest sorted again and cut to
+    ``max_num``.
+
+    Two behaviours are defined here where mmdetection leaves them to chance or to NaN:
+
+    * **Ties.** Both sorts are stable: equal input scores are ordered by ascending input index,
+      and equal decayed scores keep the order of the first sort. mmdetection's ``torch.sort`` is
+      not stable, so its order for ties (and hence the decay, which depends on the order) is
+      whatever the sort implementation returns; the order chosen here is one of those.
+    * **Linear kernel, identical masks.** When candidate i is identical to a higher-scored mask of
+      its class (comp_i = 1) and j is identical to i (d_ij = 1), the ratio (1 - d_ij) /
+      (1 - comp_i) is 0/0, which mmdetection turns into NaN and ``min`` propagates: the decayed
+      score is NaN, sorts first and survives a disabled filter. Here that ratio is 0, its limit
+      and the value every other ratio takes for a mask fully covered by a higher-scored one
+      (d_ij = 1 with comp_i < 1 gives 0 / positive = 0); j is then completely suppressed
+      (decay 0). Other ratios with comp_i = 1 are +inf, as in mmdetection, and never the minimum.
+      The gaussian kernel has no such case.
+
+    What stays as in mmdetection: ``mask_area`` is used as given (not checked against the masks);
+    two empty same-class masks make an IoU of 0/0 = NaN that poisons every decay (the heads never
+    pass empty masks: they require area > stride); ``filter_thr``, ``nms_pre`` and ``max_num``
+    apply only when > 0, and the filter keeps ``score >= filter_thr``.
+
+    Args:
+        masks: (N, H, W) binary masks; bool, uint8 or floating 0/1.
+        labels: (N,) class of each mask, integer.
+        scores: (N,) floating scores.
+        filter_thr: Keep decayed scores >= filter_thr; no filter when <= 0.
+        nms_pre: Decay only the ``nms_pre`` best-scored candidates (all when <= 0).
+        max_num: Return at most ``max_num`` candidates (all when <= 0).
+        kernel: ``"gaussian"`` or ``"linear"``.
+        sigma: Gaussian kernel parameter (exp(-sigma * iou^2)); unused by the linear kernel.
+        mask_area: (N,) floating area of each mask; None computes ``masks.sum((1, 2))`` as float.
+
+    Returns:
+        ``(scores, labels, masks, keep_inds)`` of the n kept candidates, sorted by decayed score
+        (descending): scores (n,) decayed, in scores' dtype; labels (n,); masks (n, H, W) in
+        masks' dtype; keep_inds (n,) int64 indices into the inputs.
+
+    Raises:
+        ValueError: masks not 3-D, labels / scores not 1-D, lengths that disagree, or an unknown
+            kernel.
+    """
+    _check_matrix_nms_inputs(masks, labels, scores, mask_area, kernel)
+    num = masks.shape[0]
+    if num == 0:
+        return _empty_matrix_nms(masks, labels, scores)
+    if mask_area is None:
+        mask_area = masks.sum((1, 2)).float()
+
+    scores, order = torch.sort(scores, descending=True, stable=True)
+    if 0 < nms_pre < num:
+        order, scores = order[:nms_pre], scores[:nms_pre]
+    keep_inds = order
+    masks, mask_area, labels = masks[order], mask_area[order], labels[order]
+
+    num = len(order)
+    flat = masks.reshape(num, -1).float()  # (n, H*W)
+    inter = torch.mm(flat, flat.transpose(1, 0))  # (n, n)
+    area = mask_area.expand(num, num)  # (n, n): area[i, j] = area of j
+    iou = (inter / (area + area.transpose(1, 0) - inter)).triu(diagonal=1)
+    same_label = (labels[:, None] == labels[None, :]).triu(diagonal=1)  # (n, n)
+    decay_iou = iou * same_label  # d_ij, (n, n)
+    # Row i of the compensation matrix is comp_i, the largest d that candidate i itself receives.
+    compensate_iou, _ = decay_iou.max(0)
+    compensate_iou = compensate_iou.expand(num, num).transpose(1, 0)  # (n, n)
+    if kernel == "gaussian":
+        decay = torch.exp(-1 * sigma * (decay_iou**2))
+        compensate = torch.exp(-1 * sigma * (compensate_iou**2))
+        decay_coefficient, _ = (decay / compensate).min(0)
+    else:
+        numerator, denominator = 1 - decay_iou, 1 - compensate_iou
+        ratio = numerator / denominator
+        ratio = torch.where((numerator == 0) & (denominator == 0), 0.0, ratio)  # 0/0 -> 0
+        decay_coefficient, _ = ratio.min(0)
+    scores = scores * decay_coefficient
+
+    if filter_thr > 0:
+        keep = scores >= filter_thr
+        if not keep.any():
+            return _empty_matrix_nms(masks, labels, scores)
+        keep_inds, masks, scores, labels = keep_inds[keep], masks[keep], scores[keep], labels[keep]
+
+    scores, order = torch.sort(scores, descending=True, stable=True)
+    if 0 < max_num < len(order):
+        order, scores = order[:max_num], scores[:max_num]
+    return scores, labels[order], masks[order], keep_inds[order]
+
+
+def _check_matrix_nms_inputs(masks: Tensor, labels: Tensor, scores: Tensor,
+                             mask_area: Tensor | None, kernel: str) -> None:
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be 3-D (N, H, W), got shape {tuple(masks.shape)}")
+    num = masks.shape[0]
+    named = {"labels": labels, "scores": scores}
+    if mask_area is not None:
+        named["mask_area"] = mask_area
+    for name, tensor in named.items():
+        if tensor.dim() != 1 or tensor.shape[0] != num:
+            raise ValueError(f"{name} must have shape ({num},), one entry per mask, "
+                             f"got {tuple(tensor.shape)}")
+    if kernel not in _MATRIX_NMS_KERNELS:
+        raise ValueError(f"kernel must be one of {_MATRIX_NMS_KERNELS}, got {kernel!r}")
+
+
+def _empty_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (scores.new_zeros(0), labels.new_zeros(0), masks.new_zeros(0, *masks.shape[-2:]),
+            torch.zeros(0, dtype=torch.int64, device=labels.device))

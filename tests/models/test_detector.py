@@ -52,3 +52,20 @@ def test_empty_batch_keeps_every_head_parameter_in_the_graph(preset):
     sum(losses.values()).backward()
     # DDP needs every parameter to get a gradient, zero or not.
     assert all(p.grad is not None for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_predict_returns_instances_at_the_original_size(preset):
+    torch.manual_seed(0)
+    model = solo_fast.build_model(preset, num_classes=3, depth=18, score_thr=0.0).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(2, 3, 64, 96))
+        predictions = model.predict(outputs, [(64, 90), (50, 96)], [(128, 180), (75, 144)])
+    assert len(predictions) == 2
+    for prediction, (height, width) in zip(predictions, [(128, 180), (75, 144)]):
+        count = prediction["scores"].shape[0]
+        assert prediction["masks"].shape == (count, height, width)
+        assert prediction["masks"].dtype == torch.bool
+        assert prediction["labels"].dtype == torch.int64 and prediction["boxes"].shape == (count, 4)
+        assert bool((prediction["labels"] < 3).all())
+        assert torch.equal(prediction["scores"], prediction["scores"].sort(descending=True)[0])
