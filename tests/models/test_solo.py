@@ -27,7 +27,7 @@ from tests.models.helpers import assert_total_gradients
 # N=images, L=levels, S=grid side, G=S*S cells of a level, C=classes, K=positives
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mmdet"
-TOL = {"atol": 1e-4, "rtol": 1e-4}  # forward activations
+TOL = {"atol": 1e-5, "rtol": 1e-5}  # forward activations: the issue asks 1e-5 relative
 GRAD_TOL = {"atol": 1e-6, "rtol": 1e-4}
 LOSS_TOL = {"atol": 0.0, "rtol": 1e-5}
 BACKENDS = ["reference", None]  # None: the default, the C++ kernels on CPU tensors
