@@ -11,33 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solo_fast.ops import available_backends, dice_loss
-from tests.ops.helpers import make_dice_inputs, peak_memory_increase
+from solo_fast.ops import dice_loss
+from tests.ops.helpers import benchmark_cases, make_dice_inputs, peak_memory_mb
 
 SIZES = {"K200_200x272": (200, (200, 272)), "K50_100x136": (50, (100, 136))}
 MODES = ("forward", "backward", "full")
 
 
-def _cases():
-    cases = [("cpu", backend) for backend in available_backends("cpu") if backend != "triton"]
-    if torch.cuda.is_available():
-        cases += [("cuda", backend) for backend in available_backends("cuda")]
-    return cases
-
-
-def _peak_mb(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    return peak_memory_increase(fn) / 2**20
-
-
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("device,provider", _cases(), ids=lambda value: str(value))
+@pytest.mark.parametrize("device,provider", benchmark_cases(), ids=lambda value: str(value))
 @pytest.mark.parametrize("size", SIZES)
 def test_dice_loss(benchmark, size, device, provider, mode):
     num_masks, pixels = SIZES[size]
@@ -60,7 +42,7 @@ def test_dice_loss(benchmark, size, device, provider, mode):
             with torch.no_grad():
                 forward()
             sync()
-        benchmark.extra_info["peak_mb"] = _peak_mb(run, device)
+        benchmark.extra_info["peak_mb"] = peak_memory_mb(run, device)
         benchmark.pedantic(run, rounds=10, warmup_rounds=1)
     elif mode == "backward":
         def setup():
@@ -70,8 +52,8 @@ def test_dice_loss(benchmark, size, device, provider, mode):
         def backward(loss):
             loss.backward()
             sync()
-        benchmark.extra_info["peak_mb"] = _peak_mb(full, device)
+        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
         benchmark.pedantic(backward, setup=setup, rounds=10, warmup_rounds=1)
     else:
-        benchmark.extra_info["peak_mb"] = _peak_mb(full, device)
+        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
         benchmark.pedantic(full, rounds=10, warmup_rounds=1)

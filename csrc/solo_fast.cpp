@@ -12,6 +12,18 @@ TORCH_LIBRARY(solo_fast, m) {
   m.def(
       "dice_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor sums, bool logits, "
       "float eps) -> Tensor");
+  // Decoupled SOLO: x_logits, y_logits (N, S, P) in one floating dtype; pos_image, pos_row,
+  // pos_col (K,) int64; target (K, P) uint8, bool or x_logits' dtype. The soft mask of positive
+  // k is sigmoid(y_logits[pos_image[k], pos_row[k]]) * sigmoid(x_logits[pos_image[k], pos_col[k]]).
+  // Returns the dice loss (K,) in x_logits' dtype and the raw sums (K, 3) in float64, as
+  // dice_loss_forward; the backward returns (grad_x_logits, grad_y_logits), both (N, S, P).
+  m.def(
+      "decoupled_dice_loss_forward(Tensor x_logits, Tensor y_logits, Tensor pos_image, "
+      "Tensor pos_row, Tensor pos_col, Tensor target, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "decoupled_dice_loss_backward(Tensor grad_loss, Tensor x_logits, Tensor y_logits, "
+      "Tensor pos_image, Tensor pos_row, Tensor pos_col, Tensor target, Tensor sums, float eps) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

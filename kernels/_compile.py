@@ -89,10 +89,50 @@ def _dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
     return entries
 
 
+def _decoupled_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
+    import torch
+
+    dtypes = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    entries = []
+    # (logits, target, pixel counts multiples of 16): as the dice loss; the index and group
+    # arrays are int64 PyTorch allocations, so always 16-byte aligned.
+    variants = (("fp32", "u8", True), ("fp32", "fp32", True), ("fp16", "u8", True),
+                ("fp64", "fp64", True), ("fp32", "u8", False))
+    for logits, target, aligned_sizes in variants:
+        acc = "fp64" if logits == "fp64" else "fp32"
+        variant = f"{logits}/{target}" + ("" if aligned_sizes else ", P % 16 != 0")
+        sizes = ("num_pixels", "pixels_per_chunk") if aligned_sizes else ("pixels_per_chunk",)
+        block, num_warps = module.launch_config(dtypes[logits], backward=False)
+        entries.append(CompileEntry(
+            kernel="_decoupled_dice_loss_fwd_kernel", variant=variant,
+            signature={"x_ptr": f"*{logits}", "y_ptr": f"*{logits}", "pos_image_ptr": "*i64",
+                       "pos_row_ptr": "*i64", "pos_col_ptr": "*i64", "target_ptr": f"*{target}",
+                       "partial_ptr": f"*{acc}", "num_grids": "i32", "num_pixels": "i32",
+                       "num_chunks": "i32", "pixels_per_chunk": "i32"},
+            constexprs={"BLOCK": block},
+            aligned=("x_ptr", "y_ptr", "pos_image_ptr", "pos_row_ptr", "pos_col_ptr",
+                     "target_ptr", "partial_ptr") + sizes,
+            num_warps=num_warps))
+        block, num_warps = module.launch_config(dtypes[logits], backward=True)
+        entries.append(CompileEntry(
+            kernel="_decoupled_dice_loss_bwd_kernel", variant=variant,
+            signature={"own_ptr": f"*{logits}", "partner_ptr": f"*{logits}",
+                       "partner_channel_ptr": "*i64", "group_start_ptr": "*i64",
+                       "member_ptr": "*i64", "target_ptr": f"*{target}", "coef_ptr": f"*{acc}",
+                       "grad_ptr": f"*{logits}", "num_grids": "i32", "num_pixels": "i32",
+                       "pixels_per_chunk": "i32"},
+            constexprs={"BLOCK": block},
+            aligned=("own_ptr", "partner_ptr", "partner_channel_ptr", "group_start_ptr",
+                     "member_ptr", "target_ptr", "coef_ptr", "grad_ptr") + sizes,
+            num_warps=num_warps))
+    return entries
+
+
 # Op module name -> a function of the imported module that lists its compile entries (reading the
 # launcher's own tile sizes, so that the report compiles what runs).
 COMPILE_TABLE = {
     "dice_loss": _dice_loss_entries,
+    "decoupled_dice_loss": _decoupled_dice_loss_entries,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["main"]
@@ -43,6 +44,117 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_shapes(args: argparse.Namespace) -> int:
+    from solo_fast.data import make_shapes
+
+    paths = make_shapes(args.root, num_train=args.num_train, num_val=args.num_val,
+                        seed=args.seed, overwrite=args.overwrite)
+    print(f"synthetic shapes: {args.num_train} training and {args.num_val} held-out images\n"
+          f"  {paths.train_annotations}\n  {paths.val_annotations}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from solo_fast.config import parse_overrides
+    from solo_fast.engine.train import RunSettings, train_on_coco
+
+    settings = RunSettings(work_dir=args.work_dir, device=args.device, amp=args.amp,
+                           epochs=args.epochs, max_iters=args.max_iters,
+                           checkpoint_interval=args.checkpoint_interval,
+                           log_interval=args.log_interval, resume=not args.no_resume)
+    _, records = train_on_coco(preset=args.preset, overrides=parse_overrides(args.set),
+                               annotation_file=args.train_annotations,
+                               image_dir=args.train_images, settings=settings,
+                               batch_size=args.batch_size, num_workers=args.workers,
+                               seed=args.seed)
+    if records:
+        last = records[-1]
+        print(f"trained to iteration {last['iteration']} (epoch {last['epoch']}): loss "
+              f"{last['loss']:.4f}; checkpoints and log.jsonl in {args.work_dir}")
+    return 0
+
+
+def _load_checkpoint(path: str, device: str | None):
+    """A model from a ``solo-fast train`` checkpoint (run.json beside it) or a converted one."""
+    from pathlib import Path
+
+    import torch
+
+    from solo_fast.models import build_model
+
+    checkpoint_path = Path(path)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    run_file = checkpoint_path.parent / "run.json"
+    if "model" in checkpoint and run_file.is_file():  # written by the trainer
+        run = json.loads(run_file.read_text())
+        state_dict = checkpoint["model"]
+    elif "state_dict" in checkpoint and "preset" in checkpoint:  # written by solo-fast convert
+        run = {"preset": checkpoint["preset"], "overrides": checkpoint.get("overrides", {})}
+        state_dict = checkpoint["state_dict"]
+    else:
+        raise ValueError(f"{path!r} is neither a solo-fast train checkpoint (with run.json "
+                         f"beside it) nor a solo-fast convert output")
+    model = build_model(run["preset"], **run["overrides"])
+    model.load_state_dict(state_dict)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), run, device
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from solo_fast.data import CocoInstances, build_eval_loader, build_eval_transform
+    from solo_fast.engine.evaluate import CocoEvaluator, evaluate_model
+
+    model, run, device = _load_checkpoint(args.checkpoint, args.device)
+    test_scale = model_config(run).train.test_scale
+    dataset = CocoInstances(annotation_file=args.annotations, image_dir=args.images, train=False,
+                            transform=build_eval_transform(scale=test_scale))
+    evaluator = CocoEvaluator(coco_gt=dataset.coco,
+                              label_to_category_id=dataset.label_to_category_id,
+                              output_file=args.output)
+    loader = build_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    metrics = evaluate_model(model, loader, evaluator, device=device)
+    if args.metrics:
+        from pathlib import Path
+
+        Path(args.metrics).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def model_config(run: dict):
+    from solo_fast.config import get_preset
+
+    return get_preset(run["preset"], **run["overrides"])
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from solo_fast.engine.predict import predict_images, predictions_to_coco_json
+    from solo_fast.engine.visualize import save_overlay
+
+    model, run, device = _load_checkpoint(args.checkpoint, args.device)
+    names = run.get("category_names") or [f"class {i}" for i in range(model.head.num_classes)]
+    results = []
+    for path, prediction in predict_images(
+            model, args.images, test_scale=model_config(run).train.test_scale, device=device,
+            batch_size=args.batch_size, category_names=names,
+            label_to_category_id=run.get("label_to_category_id")):
+        results.append((path, prediction))
+        if args.overlays:
+            from solo_fast.engine.predict import load_image
+
+            save_overlay(Path(args.overlays) / f"{Path(path).stem}.png", load_image(path),
+                         prediction, names, score_thr=args.score_thr)
+    records = predictions_to_coco_json(results, label_to_category_id=run.get(
+        "label_to_category_id"))
+    Path(args.output).write_text(json.dumps(records))
+    print(f"{len(records)} instances in {len(results)} images -> {args.output}"
+          + (f"; overlays in {args.overlays}" if args.overlays else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="solo-fast",
@@ -70,6 +182,67 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--trusted", action="store_true",
                          help="allow arbitrary pickled objects in the source (trusted files only)")
     convert.set_defaults(run=_convert)
+
+    shapes = commands.add_parser(
+        "make-shapes", help="write the synthetic textured-shapes COCO data set (no download)")
+    shapes.add_argument("root", help="output folder")
+    shapes.add_argument("--num-train", type=int, default=200, help="training images (200)")
+    shapes.add_argument("--num-val", type=int, default=50, help="held-out images (50)")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    shapes.add_argument("--overwrite", action="store_true", help="regenerate existing files")
+    shapes.set_defaults(run=_make_shapes)
+
+    train = commands.add_parser(
+        "train", help="train a preset on a COCO-format data set (CPU or GPU; torchrun for DDP)",
+        description="Train a preset on a COCO-format data set. Runs resume from WORK_DIR/"
+                    "latest.pt. For several processes: torchrun --nproc_per_node=N -m "
+                    "solo_fast.cli train ...")
+    train.add_argument("--preset", required=True,
+                       help="mmdetection config name, e.g. solov2-light_r18_fpn_ms-3x_coco")
+    train.add_argument("--train-annotations", required=True, help="COCO instances JSON")
+    train.add_argument("--train-images", required=True, help="folder of the training images")
+    train.add_argument("--work-dir", required=True, help="checkpoints and logs go here")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override, e.g. --set lr=0.005 (repeatable)")
+    train.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    train.add_argument("--max-iters", type=int, default=None, help="stop after this many steps")
+    train.add_argument("--batch-size", type=int, default=2, help="images per process (2)")
+    train.add_argument("--workers", type=int, default=2, help="data-loading processes (2)")
+    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    train.add_argument("--amp", action="store_true",
+                       help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    train.add_argument("--seed", type=int, default=0, help="shuffling/augmentation seed (0)")
+    train.add_argument("--checkpoint-interval", type=int, default=100,
+                       help="iterations between checkpoints (100; also every epoch's end)")
+    train.add_argument("--log-interval", type=int, default=10, help="iterations between lines")
+    train.add_argument("--no-resume", action="store_true", help="ignore WORK_DIR/latest.pt")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="COCO mask and box AP of a checkpoint on a COCO-format data set")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="WORK_DIR/latest.pt of solo-fast train, or a convert output")
+    evaluate.add_argument("--annotations", required=True, help="COCO instances JSON")
+    evaluate.add_argument("--images", required=True, help="folder of the images")
+    evaluate.add_argument("--output", default=None, help="write the COCO results JSON here")
+    evaluate.add_argument("--metrics", default=None, help="write the metrics JSON here")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="images per batch (1)")
+    evaluate.add_argument("--workers", type=int, default=2, help="data-loading processes (2)")
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    evaluate.set_defaults(run=_eval)
+
+    predict = commands.add_parser(
+        "predict", help="instances of images or folders as COCO-style JSON, optional overlays")
+    predict.add_argument("images", nargs="+", help="image files or folders")
+    predict.add_argument("--checkpoint", required=True,
+                         help="WORK_DIR/latest.pt of solo-fast train, or a convert output")
+    predict.add_argument("--output", required=True, help="COCO-style results JSON to write")
+    predict.add_argument("--overlays", default=None, help="folder for PNG overlays")
+    predict.add_argument("--score-thr", type=float, default=0.3,
+                         help="overlays show instances above this score (0.3)")
+    predict.add_argument("--batch-size", type=int, default=2, help="images per batch (2)")
+    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    predict.set_defaults(run=_predict)
     return parser
 
 

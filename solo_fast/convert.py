@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ import torch
 from torch import Tensor
 
 from solo_fast.config import ModelConfig, get_preset
+from solo_fast.engine.checkpoint import save_atomically
 
-__all__ = ["convert_mmdet_state_dict", "convert_mmdet_checkpoint", "extract_state_dict",
-           "save_atomically"]
+__all__ = ["convert_mmdet_state_dict", "convert_mmdet_checkpoint", "extract_state_dict"]
 
 # family -> the module holding its mmdet_model_key_map
 _KEY_MAP_MODULES = {
@@ -111,22 +110,6 @@ def _mismatch_report(name: str, missing: list[str], unexpected: list[str],
             lines.append(f"  {len(keys)} {title} key(s):\n    {shown}{more}")
     lines.append("  (a different preset, or overrides such as num_classes=..., may fit)")
     return "\n".join(lines)
-
-
-def save_atomically(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def convert_mmdet_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,

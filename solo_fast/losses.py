@@ -22,11 +22,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig
-from solo_fast.ops import dice_loss
+from solo_fast.ops import decoupled_dice_loss, dice_loss
 from solo_fast.targets import (
     LevelTargets,
     TargetConfig,
@@ -83,8 +84,9 @@ def target_config(head: HeadConfig) -> TargetConfig:
 
 
 def category_loss(cls_preds: Sequence[Tensor], levels: Sequence[LevelTargets], *,
-                  num_pos: Tensor, gamma: float, alpha: float) -> Tensor:
-    """Focal loss over every cell of every level and image, normalised by num_pos + 1.
+                  avg_factor: Tensor, gamma: float, alpha: float) -> Tensor:
+    """Focal loss over every cell of every level and image, divided by ``avg_factor``
+    (num_pos + 1 in mmdetection).
 
     Cells are ordered as mmdetection orders them: per level image-major, then levels.
     """
@@ -92,7 +94,7 @@ def category_loss(cls_preds: Sequence[Tensor], levels: Sequence[LevelTargets], *
         c.permute(0, 2, 3, 1).reshape(-1, c.shape[1])  # (N*S*S, C)
         for c in cls_preds])
     labels = torch.cat([level.labels.reshape(-1) for level in levels])  # (sum N*S*S,)
-    return sigmoid_focal_loss(logits, labels, avg_factor=num_pos + 1, gamma=gamma, alpha=alpha)
+    return sigmoid_focal_loss(logits, labels, avg_factor=avg_factor, gamma=gamma, alpha=alpha)
 
 
 class _Criterion(nn.Module):
@@ -115,6 +117,8 @@ class _Criterion(nn.Module):
         self.focal_gamma = focal_gamma
         self.focal_alpha = focal_alpha
         self.dice_backend = dice_backend
+        # Set by the trainer under torch.distributed (see forward).
+        self.sync_num_pos = False
 
     def assign(self, gt_instances: Sequence[Mapping[str, Tensor]]) -> list[LevelTargets]:
         """The targets of a batch (one :class:`~solo_fast.targets.LevelTargets` per level)."""
@@ -145,12 +149,20 @@ class _Criterion(nn.Module):
         """
         levels = self.assign(gt_instances)
         num_pos = sum(level.num_pos for level in levels)
+        processes = 1
+        if self.sync_num_pos and dist.is_available() and dist.is_initialized():
+            # Normalise by the positives of the whole distributed batch (spread over the
+            # processes, whose gradients DDP averages): the losses and gradients are then those of
+            # one process with the whole batch. mmdetection normalises per process instead.
+            processes = dist.get_world_size()
+            num_pos = num_pos.to(torch.float64)
+            dist.all_reduce(num_pos)
         terms = torch.cat(self.mask_losses(outputs, levels))  # (sum K,)
         if terms.shape[0] == 0:
             loss_mask = self.empty_mask_loss(outputs, terms)
         else:
-            loss_mask = terms.sum() / num_pos
-        loss_cls = category_loss(outputs.cls_preds, levels, num_pos=num_pos,
+            loss_mask = terms.sum() * processes / num_pos
+        loss_cls = category_loss(outputs.cls_preds, levels, avg_factor=(num_pos + 1) / processes,
                                  gamma=self.focal_gamma, alpha=self.focal_alpha)
         return {"loss_mask": loss_mask, "loss_cls": loss_cls}
 
@@ -229,12 +241,12 @@ class DecoupledSOLOCriterion(_Criterion):
             if level.pos_cell.shape[0] == 0:
                 losses.append(preds_x.flatten()[:0] + preds_y.flatten()[:0])  # (0,), in the graph
                 continue
-            # the sigmoid of a whole level is cheaper than that of every positive's copy once
-            # several positives share a row or column, and elementwise it is the same value
-            prob_x = _gather(preds_x.sigmoid(), level.pos_image, level.pos_col)  # (K, h, w)
-            prob_y = _gather(preds_y.sigmoid(), level.pos_image, level.pos_row)  # (K, h, w)
             target = level.gt_masks[level.pos_instance]  # (K, h, w) bool
-            dice = dice_loss(prob_y * prob_x, target, logits=False, backend=self.dice_backend)
+            # The fused op forms sigmoid(Y[i]) * sigmoid(X[j]) of each positive in its kernels and
+            # never stores these (K, h, w) products; its backward sums the terms of the positives
+            # that share a row or column of X and Y.
+            dice = decoupled_dice_loss(preds_x, preds_y, level.pos_image, level.pos_row,
+                                       level.pos_col, target, backend=self.dice_backend)
             losses.append(self.mask_loss_weight * dice)
         return losses
 

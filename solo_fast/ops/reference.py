@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dice_loss_reference", "matrix_nms_reference"]
+__all__ = ["decoupled_dice_loss_reference", "dice_loss_reference", "matrix_nms_reference"]
 
 
 def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
@@ -32,6 +32,38 @@ def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
     b = (p * p).sum(1) + eps
     c = (t * t).sum(1) + eps
     return 1 - 2 * a / (b + c)
+
+
+def decoupled_dice_loss_reference(x_logits: Tensor, y_logits: Tensor, pos_image: Tensor,
+                                  pos_row: Tensor, pos_col: Tensor, target: Tensor, *,
+                                  eps: float = 1e-3) -> Tensor:
+    """Dice loss of Decoupled SOLO's positives (mmdetection ``DecoupledSOLOHead.loss_by_feat``).
+
+    The soft mask of positive k is ``sigmoid(y_logits[n, i]) * sigmoid(x_logits[n, j])`` with
+    n, i, j = ``pos_image[k], pos_row[k], pos_col[k]``: channel i of Y is grid row i, channel j of
+    X grid column j. Its dice loss (:func:`dice_loss_reference`, no further activation) against
+    ``target[k]``.
+
+    Args:
+        x_logits: (N, S, H, W) floating logits of the X branch.
+        y_logits: (N, S, H, W) floating logits of the Y branch, x_logits' dtype.
+        pos_image: (K,) int64 image of each positive.
+        pos_row: (K,) int64 grid row of each positive, in [0, S).
+        pos_col: (K,) int64 grid column of each positive, in [0, S).
+        target: (K, H, W) bool, uint8 or floating mask of each positive.
+        eps: added to each of the two squared sums.
+
+    Returns:
+        (K,) in x_logits' dtype.
+    """
+    # N=images, S=grid side, K=positives, H, W=mask-map size
+    n, s, h, w = x_logits.shape
+    # The sigmoid of a whole level, then the rows of the positives: elementwise the same values as
+    # the sigmoid of every positive's copy, and cheaper once positives share rows.
+    prob_x = x_logits.sigmoid().reshape(n * s, h, w).index_select(0, pos_image * s + pos_col)
+    prob_y = y_logits.sigmoid().reshape(n * s, h, w).index_select(0, pos_image * s + pos_row)
+    # prob_x, prob_y: (K, H, W)
+    return dice_loss_reference(prob_y * prob_x, target, logits=False, eps=eps)
 
 
 _MATRIX_NMS_KERNELS = ("gaussian", "linear")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
 
 import torch
 
 from solo_fast.ops.reference import dice_loss_reference
 
-__all__ = ["dice_loss_reference", "make_dice_inputs", "peak_memory_increase"]
+__all__ = ["benchmark_cases", "dice_loss_reference", "make_dice_inputs", "peak_memory_increase",
+           "peak_memory_mb"]
 
 
 def make_dice_inputs(num_masks: int, pixels: tuple[int, ...], *, dtype=torch.float32,
@@ -41,16 +43,56 @@ def _memory_status() -> tuple[int, int]:
     return peak, current
 
 
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def peak_memory_increase(fn) -> int:
     """Bytes by which the process's resident-set peak rises above its current size during fn().
 
     torch's CPU allocator keeps no statistics and tracemalloc does not see it, so this resets the
     kernel's high-water mark (/proc/self/clear_refs, Linux) and reads it back. It counts every
     allocation fn makes and keeps or frees, torch's and the kernels' own.
+
+    glibc serves allocations below its mmap threshold (which grows to 32 MiB after large frees)
+    from heap pages the process already holds, which would hide them from the resident-set peak:
+    ``malloc_trim(0)`` hands those pages back first, and again afterwards, so that what fn frees
+    cannot hide a later measurement's allocations either.
     """
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    _, before = _memory_status()
-    fn()
-    peak, _ = _memory_status()
+    _trim_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        _, before = _memory_status()
+        fn()
+        peak, _ = _memory_status()
+    finally:
+        _trim_heap()
     return max(0, peak - before)
+
+
+def benchmark_cases() -> list[tuple[str, str]]:
+    """(device, backend) pairs a benchmark times here: every backend of every device present,
+    except Triton on CPU (its interpreter is a correctness tool, not a speed)."""
+    from solo_fast.ops import available_backends
+
+    cases = [("cpu", backend) for backend in available_backends("cpu") if backend != "triton"]
+    if torch.cuda.is_available():
+        cases += [("cuda", backend) for backend in available_backends("cuda")]
+    return cases
+
+
+def peak_memory_mb(fn, device: str) -> float:
+    """Peak memory of fn() in MiB: the CUDA allocator's statistics on GPU, the resident-set
+    peak (:func:`peak_memory_increase`) on CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return peak_memory_increase(fn) / 2**20

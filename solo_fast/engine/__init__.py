@@ -1,0 +1,1 @@
+"""Training, evaluation and the checkpoints and processes they need."""

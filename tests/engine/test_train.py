@@ -1,0 +1,87 @@
+"""The training loop: schedule, exact resume, atomic checkpoints, the non-finite guard, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import solo_fast
+from solo_fast.engine.train import NonFiniteLossError, RunSettings, Trainer, lr_factor
+from tests.engine.toy import toy_loader, toy_model
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_CFG = solo_fast.get_preset("solov2-light_r18_fpn_ms-3x_coco").train
+
+
+def test_lr_factor_is_mmdetections_schedule():
+    schedule = dict(iters_per_epoch=100, warmup_iters=500, warmup_ratio=0.001,
+                    milestones=(8, 11), gamma=0.1)
+    assert lr_factor(0, **schedule) == pytest.approx(0.001)
+    assert lr_factor(250, **schedule) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(500, **schedule) == 1.0
+    assert lr_factor(799, **schedule) == 1.0  # epoch index 7
+    assert lr_factor(800, **schedule) == pytest.approx(0.1)  # epoch index 8: first milestone
+    assert lr_factor(1100, **schedule) == pytest.approx(0.01)
+
+
+def _trainer(work_dir, **settings):
+    settings = RunSettings(work_dir=str(work_dir), progress=False, **settings)
+    return Trainer(model=toy_model(), train_cfg=TRAIN_CFG, loader=toy_loader(2),
+                   settings=settings)
+
+
+def test_resume_continues_with_the_same_losses(tmp_path):
+    uninterrupted = _trainer(tmp_path / "a", epochs=2).fit()
+    assert [r["iteration"] for r in uninterrupted] == [1, 2, 3, 4]
+    # Killed after iteration 3, inside the second epoch; a new process resumes from latest.pt.
+    first = _trainer(tmp_path / "b", epochs=2, max_iters=3).fit()
+    assert len(first) == 3 and (tmp_path / "b" / "latest.pt").is_file()
+    second = _trainer(tmp_path / "b", epochs=2).fit()
+    assert [r["iteration"] for r in second] == [4]
+    for a, b in zip(uninterrupted, first + second):
+        for name in ("loss_mask", "loss_cls", "lr"):
+            assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (name, a, b)
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [1, 2, 3, 4]
+    assert (tmp_path / "a" / "epoch_1.pt").is_file() and (tmp_path / "a" / "epoch_2.pt").is_file()
+
+
+def test_non_finite_loss_stops_with_its_name_and_keeps_the_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, epochs=2, checkpoint_interval=1)
+    trainer.fit()
+    saved = (tmp_path / "latest.pt").read_bytes()
+    trainer = _trainer(tmp_path, epochs=3)
+    healthy = trainer.model.criterion.forward
+
+    def broken(outputs, targets):
+        losses = healthy(outputs, targets)
+        return {**losses, "loss_cls": losses["loss_cls"] * float("nan")}
+
+    trainer.model.criterion.forward = broken
+    with pytest.raises(NonFiniteLossError, match=r"loss_cls is nan at epoch 3, iteration 5"):
+        trainer.fit()
+    assert (tmp_path / "latest.pt").read_bytes() == saved  # untouched by the failed step
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latest.pt")]
+
+
+def test_two_process_ddp_matches_one_process_with_the_whole_batch(tmp_path):
+    single = _trainer(tmp_path / "single", epochs=2)
+    single.loader = toy_loader(4)
+    single.iters_per_epoch = len(single.loader)
+    expected = single.fit()
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", str(ROOT / "tests" / "engine" / "toy.py"),
+                          str(tmp_path / "ddp"), str(out)], env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    distributed = json.loads(out.read_text())
+    assert len(distributed) == len(expected) == 2
+    for a, b in zip(expected, distributed):
+        for name in ("loss_mask", "loss_cls"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4), (name, a, b)

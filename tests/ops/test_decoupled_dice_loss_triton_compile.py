@@ -1,0 +1,66 @@
+"""The Triton kernels of decoupled_dice_loss compile for sm_80 and sm_90 without spilling; no GPU.
+
+As ``test_dice_loss_triton_compile.py``, in a subprocess (this session may run with
+``TRITON_INTERPRET=1``, and interpreted kernels cannot be compiled), but restricted to this op's
+entries of ``COMPILE_TABLE`` so that the other ops are not compiled twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ARCHES = (80, 90)
+OP = "decoupled_dice_loss"
+KERNELS = {"_decoupled_dice_loss_fwd_kernel", "_decoupled_dice_loss_bwd_kernel"}
+
+# The installed package is solo_fast.kernels; the source tree has it as the top-level `kernels`.
+_REPORT_SCRIPT = f"""
+import json
+try:
+    from solo_fast.kernels import _compile
+except ImportError:
+    from kernels import _compile
+# compile_report reads both names from its module: only this op's rows.
+_compile.COMPILE_TABLE = {{{OP!r}: _compile.COMPILE_TABLE[{OP!r}]}}
+_compile.op_modules = lambda: [{OP!r}]
+print(json.dumps(_compile.compile_report(arches={ARCHES!r})))
+"""
+
+
+@pytest.fixture(scope="module")
+def report() -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    result = subprocess.run([sys.executable, "-c", _REPORT_SCRIPT], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (f"compile report failed (exit {result.returncode}):\n"
+                                    f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    # The report is the last line; anything before it is Triton's or a warning's.
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_each_arch(report):
+    compiled = {(row["kernel"], row["arch"]) for row in report if row["op"] == OP}
+    assert compiled == {(kernel, arch) for kernel in KERNELS for arch in ARCHES}
+
+
+@pytest.mark.slow
+def test_no_kernel_spills(report):
+    assert report, "the compile report is empty"
+    for row in report:
+        where = f"{row['op']}.{row['kernel']} [{row['variant']}] on sm_{row['arch']}"
+        assert row["n_regs"] > 0, f"{where}: no register count ({row})"
+        assert row["n_spills"] == 0, f"{where}: {row['n_spills']} spills ({row})"
+        assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, \
+            f"{where}: spills ({row})"

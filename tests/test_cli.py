@@ -1,0 +1,48 @@
+"""The solo-fast command line, end to end on the synthetic data set."""
+
+import json
+
+import torch
+
+from solo_fast import cli
+
+
+def test_make_shapes_then_train_then_resume(tmp_path, capsys):
+    assert cli.main(["make-shapes", str(tmp_path / "shapes"), "--num-train", "4",
+                     "--num-val", "2"]) == 0
+    shapes = tmp_path / "shapes"
+    arguments = ["train", "--preset", "solov2-light_r18_fpn_ms-3x_coco",
+                 "--train-annotations", str(shapes / "annotations" / "instances_train.json"),
+                 "--train-images", str(shapes / "train"), "--work-dir", str(tmp_path / "run"),
+                 "--set", "train_scales=((160, 128),)", "--batch-size", "2", "--workers", "0",
+                 "--device", "cpu"]
+    assert cli.main([*arguments, "--max-iters", "1"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["overrides"]["num_classes"] == len(run["category_names"]) == 5
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=False)["iteration"] == 1
+    assert cli.main([*arguments, "--max-iters", "2"]) == 0  # resumes at iteration 1
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in log] == [1, 2]
+    assert "trained to iteration 2" in capsys.readouterr().out
+
+    checkpoint = str(tmp_path / "run" / "latest.pt")
+    metrics_file = tmp_path / "metrics.json"
+    assert cli.main(["eval", "--checkpoint", checkpoint, "--workers", "0",
+                     "--annotations", str(shapes / "annotations" / "instances_val.json"),
+                     "--images", str(shapes / "val"), "--metrics", str(metrics_file)]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert {"segm/AP", "bbox/AP"} <= set(metrics) and 0 <= metrics["segm/AP"] <= 1
+    assert cli.main(["predict", str(shapes / "val"), "--checkpoint", checkpoint,
+                     "--output", str(tmp_path / "preds.json"),
+                     "--overlays", str(tmp_path / "overlays")]) == 0
+    assert isinstance(json.loads((tmp_path / "preds.json").read_text()), list)
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+
+
+def test_bad_override_is_reported(tmp_path, capsys):
+    code = cli.main(["train", "--preset", "solov2-light_r18_fpn_ms-3x_coco",
+                     "--train-annotations", str(tmp_path / "missing.json"),
+                     "--train-images", str(tmp_path), "--work-dir", str(tmp_path / "run"),
+                     "--set", "nmu_classes=3"])
+    assert code == 2
+    assert "nmu_classes" in capsys.readouterr().err
