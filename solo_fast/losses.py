@@ -3,10 +3,12 @@
 The criteria take a head's raw outputs and the GT instances of a batch and return
 ``{"loss_mask": ..., "loss_cls": ...}``:
 
-* loss_mask: the dice loss (the fused op ``solo_fast.ops.dice_loss``) of every positive against
-  its GT mask at the mask-map size, times ``mask_loss_weight``, summed over all levels and images
-  and divided by the number of positive cells. With no positive it is exactly 0 and still part of
-  the graph, as in mmdetection.
+* loss_mask: the dice loss of every positive against its GT mask at the mask-map size, times
+  ``mask_loss_weight``, summed over all levels and images and divided by the number of positive
+  cells. With no positive it is exactly 0 and still part of the graph, as in mmdetection. The
+  dice is a fused op: ``solo_fast.ops.dice_loss`` on SOLO's and SOLOv2's logits,
+  ``solo_fast.ops.decoupled_dice_loss`` on Decoupled SOLO's X/Y logits (the products are never
+  stored); ``dice_backend="reference"`` selects the plain PyTorch path.
 * loss_cls: the focal loss over every cell of every level and image, divided by num_pos + 1.
 
 No dense (S*S, h, w) target stack is built: each positive gathers its own prediction and its GT
@@ -214,8 +216,8 @@ class DecoupledSOLOCriterion(_Criterion):
     """The training losses of Decoupled SOLO and Decoupled SOLO Light (SPEC §8.3).
 
     The soft mask of positive cell (i, j) is p = sigmoid(Y[i]) * sigmoid(X[j]) of its image; its
-    dice loss (no further activation) is weighted by ``mask_loss_weight`` and the sum over all
-    positives divided by their number.
+    dice loss (:func:`solo_fast.ops.decoupled_dice_loss`, which never stores p) is weighted by
+    ``mask_loss_weight`` and the sum over all positives divided by their number.
 
     Constructor arguments: those of every criterion (``_Criterion``).
     """

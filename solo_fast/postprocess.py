@@ -155,7 +155,15 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
 
 
 class _PostProcessor:
-    """The steps every family shares; a family supplies its candidates' soft masks."""
+    """The steps every family shares; a family supplies its candidates' soft masks.
+
+    Args:
+        test_cfg: Inference thresholds and matrix-NMS settings.
+        num_grids: Grid side S_l per level.
+        strides: Per-level stride of the small-mask filter (area > stride, in stride-4 pixels).
+        mask_stride: Stride of the level-0 mask map (SOLOv2: of the mask features); the padded
+            canvas is mask_stride x its size.
+    """
 
     def __init__(self, *, test_cfg: TestConfig, num_grids: Sequence[int],
                  strides: Sequence[int], mask_stride: int = 4) -> None:
@@ -281,15 +289,8 @@ class SOLOPostProcessor(_PostProcessor):
     level-0 mask size (sigmoid first, as mmdetection's eval forward does); only the candidates'
     channels are gathered, activated and resized.
 
-    Args:
-        test_cfg: Inference thresholds and matrix-NMS settings.
-        num_grids: Grid side S_l per level.
-        strides: Per-level stride of the small-mask filter (area > stride, in stride-4 pixels).
+    Constructor arguments: those of every post-processor (``_PostProcessor``).
     """
-
-    def __init__(self, *, test_cfg: TestConfig, num_grids: Sequence[int],
-                 strides: Sequence[int]) -> None:
-        super().__init__(test_cfg=test_cfg, num_grids=num_grids, strides=strides)
 
     def __call__(self, outputs: Any, image_sizes: Size, original_sizes: Size, *,
                  trace: list | None = None) -> list[dict[str, Tensor]]:
@@ -356,15 +357,8 @@ class DecoupledSOLOPostProcessor(_PostProcessor):
     resized bilinearly to the level-0 mask size first, as in mmdetection. Only the X columns and
     Y rows that candidates use are activated and resized, once each.
 
-    Args:
-        test_cfg: Inference thresholds and matrix-NMS settings.
-        num_grids: Grid side S_l per level.
-        strides: Per-level stride of the small-mask filter (area > stride, in stride-4 pixels).
+    Constructor arguments: those of every post-processor (``_PostProcessor``).
     """
-
-    def __init__(self, *, test_cfg: TestConfig, num_grids: Sequence[int],
-                 strides: Sequence[int]) -> None:
-        super().__init__(test_cfg=test_cfg, num_grids=num_grids, strides=strides)
 
     def __call__(self, outputs: Any, image_sizes: Size, original_sizes: Size, *,
                  trace: list | None = None) -> list[dict[str, Tensor]]:
@@ -450,11 +444,7 @@ class SOLOv2PostProcessor(_PostProcessor):
     A candidate's soft mask is sigmoid(kernel . mask_feats), computed for the candidates' kernels
     only, as one 1x1 convolution per image (mmdetection's operation).
 
-    Args:
-        test_cfg: Inference thresholds and matrix-NMS settings.
-        num_grids: Grid side S_l per level.
-        strides: Per-level stride of the small-mask filter (area > stride, in mask-feature pixels).
-        mask_stride: Stride of the mask features; the padded canvas is mask_stride x their size.
+    Constructor arguments: those of every post-processor (``_PostProcessor``).
     """
 
     def __call__(self, outputs: Any, image_sizes: Size, original_sizes: Size, *,

@@ -36,6 +36,7 @@
 #include <tuple>
 #include <utility>
 
+#include "cuda/dice_reduce.cuh"
 #include "decoupled_dice_loss.h"
 
 // N=images, S=grid side, K=positives, P=pixels of a mask map, R=N*S rows of one branch
@@ -46,14 +47,13 @@ namespace {
 namespace dl = ::solo_fast::dice_loss;
 namespace ddl = ::solo_fast::decoupled_dice_loss;
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using cuda_dice::ceil_div;
+using cuda_dice::kThreads;
+using cuda_dice::kWarps;
 // Below a few thousand pixels per block the partial write and block reduction start to dominate.
 constexpr int64_t kMinChunk = 4096;
 // CUDA limits grid axis y to 65535 blocks.
 constexpr int64_t kMaxGridY = 65535;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Pixels per thread of the backward: the own sigmoid, its derivative and the running sum of each
 // stay in registers across the loop over positives, and that many partner loads are in flight.
@@ -61,13 +61,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename acc_t>
 constexpr int backward_pixels() {
   return sizeof(acc_t) == 8 ? 2 : 4;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // Block (k, chunk) reduces pixels [chunk * chunk_size, min(p, (chunk + 1) * chunk_size)) of
@@ -96,63 +89,7 @@ __global__ void __launch_bounds__(kThreads) decoupled_partials_kernel(
     dl::accumulate(ddl::product(py, px), static_cast<acc_t>(target_row[i]), v[0], v[1], v[2]);
   }
 
-  __shared__ acc_t shared[3][kWarps];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int j = 0; j < 3; ++j) {
-    v[j] = warp_sum(v[j]);
-    if (lane == 0) shared[j][warp] = v[j];
-  }
-  __syncthreads();
-  if (warp == 0) {
-    acc_t* out = partials + (k * gridDim.y + blockIdx.y) * 3;
-#pragma unroll
-    for (int j = 0; j < 3; ++j) {
-      v[j] = warp_sum(lane < kWarps ? shared[j][lane] : acc_t(0));
-      if (lane == 0) out[j] = v[j];
-    }
-  }
-}
-
-// One warp per positive: lane l sums chunks l, l + 32, ... in double, then a butterfly across
-// lanes; the order depends only on the chunk count, so the result is deterministic.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) decoupled_finalize_kernel(
-    const acc_t* __restrict__ partials, int64_t positives, int64_t chunks, double eps,
-    double* __restrict__ sums, scalar_t* __restrict__ loss) {
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (k >= positives) return;  // uniform per warp, so the full-mask shuffles below stay valid
-  const int lane = threadIdx.x % 32;
-  const acc_t* row = partials + k * chunks * 3;
-  double v[3] = {0.0, 0.0, 0.0};
-  for (int64_t j = lane; j < chunks; j += 32) {
-#pragma unroll
-    for (int i = 0; i < 3; ++i) v[i] += static_cast<double>(row[3 * j + i]);
-  }
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    v[i] = warp_sum(v[i]);
-    if (lane == 0) sums[3 * k + i] = v[i];
-  }
-  if (lane == 0) {
-    const double value = dl::loss_from_sums(v[0], v[1], v[2], eps);
-    loss[k] = static_cast<scalar_t>(static_cast<acc_t>(value));
-  }
-}
-
-// Per-positive gradient coefficients, in double and apart from the elementwise kernel: the exact
-// double division is a slow-path subroutine that would make that kernel spill around the call.
-template <typename grad_t>
-__global__ void __launch_bounds__(kThreads) decoupled_coefficients_kernel(
-    const grad_t* __restrict__ grad_loss, const double* __restrict__ sums, int64_t positives,
-    double eps, double* __restrict__ coef) {
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (k >= positives) return;
-  const dl::GradCoefficients<double> c = dl::grad_coefficients(
-      static_cast<double>(grad_loss[k]), sums[3 * k], sums[3 * k + 1], sums[3 * k + 2], eps);
-  coef[2 * k] = c.coef_p;
-  coef[2 * k + 1] = c.coef_t;
+  cuda_dice::store_block_sums(v, partials + (k * gridDim.y + blockIdx.y) * 3);
 }
 
 // Block (chunk, own row r = image * S + channel): pixels [chunk * kTile, (chunk + 1) * kTile) of
@@ -347,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const unsigned finalize_blocks = static_cast<unsigned>(ceil_div(positives, kWarps));
-    decoupled_finalize_kernel<scalar_t, acc_t><<<finalize_blocks, kThreads, 0, stream>>>(
+    cuda_dice::finalize_kernel<scalar_t, acc_t><<<finalize_blocks, kThreads, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), positives, chunks, eps,
         sums.mutable_data_ptr<double>(), loss.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -396,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_loss.scalar_type(),
                                   "decoupled_dice_loss_backward_cuda", [&] {
     const unsigned blocks = static_cast<unsigned>(ceil_div(positives, kThreads));
-    decoupled_coefficients_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    cuda_dice::coefficients_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         grad_loss.const_data_ptr<scalar_t>(), sums.const_data_ptr<double>(), positives, eps,
         coef.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

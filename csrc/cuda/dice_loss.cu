@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "cuda/dice_reduce.cuh"
 #include "dice_loss.h"
 
 namespace solo_fast {
@@ -25,19 +26,11 @@ namespace {
 
 namespace dl = ::solo_fast::dice_loss;
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using cuda_dice::ceil_div;
+using cuda_dice::kThreads;
+using cuda_dice::kWarps;
 // Below a few thousand pixels per block the partial write and block reduction start to dominate.
 constexpr int64_t kMinChunk = 4096;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // Block (mask, chunk) reduces pixels [chunk * chunk_size, min(p, (chunk + 1) * chunk_size)) of one
 // mask into partials[mask][chunk][0..2].
@@ -58,64 +51,7 @@ __global__ void __launch_bounds__(kThreads) dice_partials_kernel(
     dl::accumulate(dl::probability(value, logits), t, v[0], v[1], v[2]);
   }
 
-  __shared__ acc_t shared[3][kWarps];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int k = 0; k < 3; ++k) {
-    v[k] = warp_sum(v[k]);
-    if (lane == 0) shared[k][warp] = v[k];
-  }
-  __syncthreads();
-  if (warp == 0) {
-    acc_t* out = partials + (mask * gridDim.y + blockIdx.y) * 3;
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      v[k] = warp_sum(lane < kWarps ? shared[k][lane] : acc_t(0));
-      if (lane == 0) out[k] = v[k];
-    }
-  }
-}
-
-// One warp per mask: lane j sums chunks j, j + 32, ... in double, then a butterfly across lanes;
-// the order depends only on the chunk count, so the result is deterministic.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) dice_finalize_kernel(
-    const acc_t* __restrict__ partials, int64_t n, int64_t chunks, double eps,
-    double* __restrict__ sums, scalar_t* __restrict__ loss) {
-  const int64_t mask = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (mask >= n) return;  // uniform per warp, so the full-mask shuffles below stay valid
-  const int lane = threadIdx.x % 32;
-  const acc_t* row = partials + mask * chunks * 3;
-  double v[3] = {0.0, 0.0, 0.0};
-  for (int64_t j = lane; j < chunks; j += 32) {
-#pragma unroll
-    for (int k = 0; k < 3; ++k) v[k] += static_cast<double>(row[3 * j + k]);
-  }
-#pragma unroll
-  for (int k = 0; k < 3; ++k) {
-    v[k] = warp_sum(v[k]);
-    if (lane == 0) sums[3 * mask + k] = v[k];
-  }
-  if (lane == 0) {
-    const double value = dl::loss_from_sums(v[0], v[1], v[2], eps);
-    loss[mask] = static_cast<scalar_t>(static_cast<acc_t>(value));
-  }
-}
-
-// Per-mask gradient coefficients, kept in double: the exact double division calls a slow-path
-// subroutine that would make the elementwise kernel below spill registers around the call.
-template <typename grad_t>
-__global__ void __launch_bounds__(kThreads) dice_coefficients_kernel(
-    const grad_t* __restrict__ grad_loss, const double* __restrict__ sums, int64_t n, double eps,
-    double* __restrict__ coef) {
-  const int64_t mask = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (mask >= n) return;
-  const dl::GradCoefficients<double> c = dl::grad_coefficients(
-      static_cast<double>(grad_loss[mask]), sums[3 * mask], sums[3 * mask + 1], sums[3 * mask + 2],
-      eps);
-  coef[2 * mask] = c.coef_p;
-  coef[2 * mask + 1] = c.coef_t;
+  cuda_dice::store_block_sums(v, partials + (mask * gridDim.y + blockIdx.y) * 3);
 }
 
 // 2-D grid: x strides over the pixels of a mask, y over masks (gridDim.y is capped at 65535).
@@ -209,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> dice_loss_forward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const unsigned finalize_blocks = static_cast<unsigned>(ceil_div(n, kWarps));
-    dice_finalize_kernel<scalar_t, acc_t><<<finalize_blocks, kThreads, 0, stream>>>(
+    cuda_dice::finalize_kernel<scalar_t, acc_t><<<finalize_blocks, kThreads, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), n, chunks, eps, sums.mutable_data_ptr<double>(),
         loss.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -247,7 +183,7 @@ at::Tensor dice_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_loss.scalar_type(),
                                   "dice_loss_backward_cuda", [&] {
     const unsigned blocks = static_cast<unsigned>(ceil_div(n, kThreads));
-    dice_coefficients_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    cuda_dice::coefficients_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         grad_loss.const_data_ptr<scalar_t>(), sums.const_data_ptr<double>(), n, eps,
         coef.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,4 +1,4 @@
-"""The Triton kernels compile for sm_80 and sm_90 without spilling; no GPU needed.
+"""Every op's Triton kernels compile for sm_80 and sm_90 without spilling; no GPU needed.
 
 The compile runs in a subprocess: Triton decides at decoration time whether kernels are interpreted,
 and this test session may run with ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled).
@@ -18,7 +18,11 @@ pytest.importorskip("triton")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARCHES = (80, 90)
-DICE_LOSS_KERNELS = {"_dice_loss_fwd_kernel", "_dice_loss_bwd_kernel"}
+# The kernels each op must have (kernels/<op>.py; kernels/_compile.py's COMPILE_TABLE).
+OP_KERNELS = {
+    "dice_loss": {"_dice_loss_fwd_kernel", "_dice_loss_bwd_kernel"},
+    "decoupled_dice_loss": {"_decoupled_dice_loss_fwd_kernel", "_decoupled_dice_loss_bwd_kernel"},
+}
 
 # The installed package is solo_fast.kernels; the source tree has it as the top-level `kernels`.
 _REPORT_SCRIPT = f"""
@@ -45,9 +49,10 @@ def report() -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_dice_loss_kernel_compiles_for_each_arch(report):
-    compiled = {(row["kernel"], row["arch"]) for row in report if row["op"] == "dice_loss"}
-    assert compiled == {(kernel, arch) for kernel in DICE_LOSS_KERNELS for arch in ARCHES}
+@pytest.mark.parametrize("op", sorted(OP_KERNELS))
+def test_every_kernel_compiles_for_each_arch(report, op):
+    compiled = {(row["kernel"], row["arch"]) for row in report if row["op"] == op}
+    assert compiled == {(kernel, arch) for kernel in OP_KERNELS[op] for arch in ARCHES}
 
 
 @pytest.mark.slow
