@@ -6,8 +6,8 @@ The C++ CPU kernels are always compiled. CUDA kernels are compiled according to 
 * ``1``: always (the build fails if no toolkit is found);
 * ``0``: never.
 
-The decision never depends on ``torch.cuda.is_available()``: a build machine without a GPU must still
-produce CUDA kernels. ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0". ptxas reports registers,
+The decision never depends on ``torch.cuda.is_available()``: a build machine without a GPU must
+still produce CUDA kernels. ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0". ptxas reports registers,
 spills and local memory for every kernel; ``SOLO_FAST_STRICT_PTXAS=1`` (set by the test script and
 CI) turns any spill or local-memory use into a build error.
 """
@@ -71,8 +71,8 @@ def find_cuda_home() -> Path | None:
 
 
 def _nvidia_wheel_includes() -> list[str]:
-    # The cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h includes are absent from a bare toolkit;
-    # torch's CUDA wheels bring them as nvidia-* packages in site-packages.
+    # The cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h includes are absent from a bare
+    # toolkit; torch's CUDA wheels bring them as nvidia-* packages in site-packages.
     found = []
     for site in sys.path:
         for sub in ("nvidia/cu13/include", "nvidia/cublas/include", "nvidia/cusparse/include"):
@@ -94,8 +94,8 @@ def extensions():
     cuda_home = find_cuda_home() if mode != "0" else None
     if mode == "1" and cuda_home is None:
         raise SystemExit(
-            "SOLO_FAST_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder whose bin/ "
-            "holds nvcc and whose lib64/ holds libcudart.so"
+            "SOLO_FAST_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the folder whose "
+            "bin/ holds nvcc and whose lib64/ holds libcudart.so"
         )
     with_cuda = cuda_home is not None
     if with_cuda:

@@ -8,7 +8,8 @@ TORCH_LIBRARY(solo_fast, m) {
   // pred: (N, P) logits or probabilities; target: (N, P) uint8 or pred's dtype.
   // Returns the loss (N,) in pred's dtype and the raw sums (N, 3) = [sum p*t, sum p*p, sum t*t]
   // in float64, kept for the backward.
-  m.def("dice_loss_forward(Tensor pred, Tensor target, bool logits, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "dice_loss_forward(Tensor pred, Tensor target, bool logits, float eps) -> (Tensor, Tensor)");
   m.def(
       "dice_loss_backward(Tensor grad_loss, Tensor pred, Tensor target, Tensor sums, bool logits, "
       "float eps) -> Tensor");
@@ -40,5 +41,6 @@ bool cuda_compiled() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "solo_fast native kernels; the operators live in torch.ops.solo_fast";
-  module.def("cuda_compiled", &cuda_compiled, "Whether the CUDA kernels were compiled into this build");
+  module.def("cuda_compiled", &cuda_compiled,
+             "Whether the CUDA kernels were compiled into this build");
 }

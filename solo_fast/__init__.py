@@ -2,7 +2,8 @@
 fused CPU, CUDA and Triton kernels.
 
     model = solo_fast.build_model("solov2_r50_fpn_1x_coco", num_classes=80)
-    state_dict = solo_fast.convert_mmdet_state_dict(torch.load("mmdet.pth"), "solov2_r50_fpn_1x_coco")
+    mmdet = torch.load("solov2_r50_fpn_1x_coco.pth")
+    state_dict = solo_fast.convert_mmdet_state_dict(mmdet, "solov2_r50_fpn_1x_coco")
     model.load_state_dict(state_dict)
 """
 

@@ -17,7 +17,8 @@ def _info(_: argparse.Namespace) -> int:
     from solo_fast.ops._extension import load_error
 
     print(f"solo_fast {__version__}, torch {torch.__version__}")
-    print(f"compiled ops (solo_fast._C): {'loaded' if has_ops() else f'NOT loaded: {load_error()}'}")
+    loaded = "loaded" if has_ops() else f"NOT loaded: {load_error()}"
+    print(f"compiled ops (solo_fast._C): {loaded}")
     print(f"CUDA kernels compiled in: {'yes' if cuda_compiled() else 'no'}")
     print(f"backends on cpu tensors: {', '.join(available_backends('cpu'))}")
     if torch.cuda.is_available():
@@ -56,17 +57,23 @@ def _make_shapes(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from solo_fast.config import parse_overrides
+    from solo_fast.engine.distributed import shutdown
     from solo_fast.engine.train import RunSettings, train_on_coco
 
     settings = RunSettings(work_dir=args.work_dir, device=args.device, amp=args.amp,
                            epochs=args.epochs, max_iters=args.max_iters,
                            checkpoint_interval=args.checkpoint_interval,
                            log_interval=args.log_interval, resume=not args.no_resume)
-    _, records = train_on_coco(preset=args.preset, overrides=parse_overrides(args.set),
-                               annotation_file=args.train_annotations,
-                               image_dir=args.train_images, settings=settings,
-                               batch_size=args.batch_size, num_workers=args.workers,
-                               seed=args.seed)
+    try:
+        _, records = train_on_coco(preset=args.preset, overrides=parse_overrides(args.set),
+                                   annotation_file=args.train_annotations,
+                                   image_dir=args.train_images, settings=settings,
+                                   batch_size=args.batch_size, num_workers=args.workers,
+                                   seed=args.seed)
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
     if records:
         last = records[-1]
         print(f"trained to iteration {last['iteration']} (epoch {last['epoch']}): loss "

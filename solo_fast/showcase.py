@@ -83,7 +83,8 @@ def main(*, repeats: int = 5) -> None:
           f"{'median ms':>10} {'speed-up':>9}")
     for device in devices:
         # The Triton interpreter runs on CPU but is a correctness tool, far too slow to time here.
-        backends = [b for b in available_backends(device) if not (device == "cpu" and b == "triton")]
+        backends = [backend for backend in available_backends(device)
+                    if not (device == "cpu" and backend == "triton")]
         reports = showcase_dice_loss(device=device, repeats=repeats, backends=backends)
         baseline = next(r.forward_backward_ms for r in reports if r.backend == "reference")
         for r in reports:

@@ -1,4 +1,4 @@
-"""mmdetection checkpoints -> solo_fast: key maps against the key lists of real mmdetection models."""
+"""mmdetection checkpoints -> solo_fast: key maps against real mmdetection models' key lists."""
 
 import ast
 from pathlib import Path
@@ -91,7 +91,8 @@ def test_cli_convert_failure_writes_nothing(tmp_path, capsys):
     source = tmp_path / "mmdet.pth"
     torch.save({"state_dict": fake_mmdet_state_dict("solov2-light_r18_fpn_ms-3x_coco")}, source)
     destination = tmp_path / "solo_fast.pt"
-    code = cli.main(["convert", str(source), str(destination), "--preset", "solov2_r50_fpn_1x_coco"])
+    code = cli.main(["convert", str(source), str(destination),
+                     "--preset", "solov2_r50_fpn_1x_coco"])
     assert code == 2 and not destination.exists()
     assert "does not fit preset 'solov2_r50_fpn_1x_coco'" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path / "absent.pth"), str(destination),

@@ -32,6 +32,7 @@
 
 #include "cpu/huge_pages.h"
 #include "decoupled_dice_loss.h"
+#include "op_checks.h"
 
 // N=images, S=grid side, K=positives, P=pixels of a mask map, C=kChunk pixels of a task
 
@@ -189,41 +190,6 @@ void row_gradients_any(const acc_t* summed, const acc_t* dp, int64_t count, pred
 // ---------------------------------------------------------------------------------------------
 // Checks, and the positives grouped by image.
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& pos_image,
-                  const at::Tensor& pos_row, const at::Tensor& pos_col, const at::Tensor& target,
-                  const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, ": x_logits must be 3-D (N, S, P), got shape ", x.sizes());
-  TORCH_CHECK(y.sizes() == x.sizes(), op, ": y_logits must have x_logits' shape ", x.sizes(),
-              ", got ", y.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
-              ": x_logits must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y_logits must have x_logits' dtype ",
-              x.scalar_type(), ", got ", y.scalar_type());
-  const int64_t k = pos_image.dim() == 1 ? pos_image.size(0) : -1;
-  const std::pair<const char*, const at::Tensor*> indices[] = {
-      {"pos_image", &pos_image}, {"pos_row", &pos_row}, {"pos_col", &pos_col}};
-  for (const auto& [name, index] : indices) {
-    TORCH_CHECK(index->dim() == 1 && index->size(0) == k, op, ": ", name,
-                " must be 1-D with one entry per positive (pos_image has shape ",
-                pos_image.sizes(), "), got shape ", index->sizes());
-    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
-                index->scalar_type());
-    TORCH_CHECK(index->device() == x.device(), op, ": ", name, " is on ", index->device(),
-                " but x_logits is on ", x.device());
-  }
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == k && target.size(1) == x.size(2), op,
-              ": target must have shape (K, P) = (", k, ", ", x.size(2), "), got ",
-              target.sizes());
-  const auto target_dtype = target.scalar_type();
-  TORCH_CHECK(target_dtype == at::kByte || target_dtype == at::kBool ||
-                  target_dtype == x.scalar_type(),
-              op, ": target must be uint8 (0/1), bool or x_logits' dtype ", x.scalar_type(),
-              ", got ", target_dtype);
-  TORCH_CHECK(y.device() == x.device() && target.device() == x.device(), op,
-              ": y_logits (", y.device(), ") and target (", target.device(),
-              ") must be on x_logits' device ", x.device());
-}
-
 // The positives of image n are members[image_start[n] .. image_start[n + 1]), in ascending k;
 // used_x[n * S + c] (used_y) tells whether some positive of image n uses X (Y) row c.
 struct Layout {
@@ -286,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cpu(
     const at::Tensor& pos_row_in, const at::Tensor& pos_col_in, const at::Tensor& target_in,
     double eps) {
   constexpr const char* kOp = "decoupled_dice_loss_forward";
-  check_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
+  check_decoupled_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
   const at::Tensor x = x_in.contiguous();  // (N, S, P)
   const at::Tensor y = y_in.contiguous();  // (N, S, P)
   const at::Tensor target = target_in.contiguous();  // (K, P)
@@ -367,19 +333,10 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_backward_cpu(
     const at::Tensor& pos_image_in, const at::Tensor& pos_row_in, const at::Tensor& pos_col_in,
     const at::Tensor& target_in, const at::Tensor& sums_in, double eps) {
   constexpr const char* kOp = "decoupled_dice_loss_backward";
-  check_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
+  check_decoupled_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
   const int64_t positives = pos_image_in.size(0);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == positives &&
-                  at::isFloatingType(grad_loss_in.scalar_type()),
-              kOp, ": grad_loss must be a floating (", positives, ",) tensor, got ",
-              grad_loss_in.scalar_type(), " ", grad_loss_in.sizes());
-  TORCH_CHECK(sums_in.dim() == 2 && sums_in.size(0) == positives && sums_in.size(1) == 3 &&
-                  at::isFloatingType(sums_in.scalar_type()),
-              kOp, ": sums must be the float64 (", positives, ", 3) tensor returned by "
-              "decoupled_dice_loss_forward, got ", sums_in.scalar_type(), " ", sums_in.sizes());
-  TORCH_CHECK(grad_loss_in.device() == x_in.device() && sums_in.device() == x_in.device(), kOp,
-              ": grad_loss (", grad_loss_in.device(), ") and sums (", sums_in.device(),
-              ") must be on x_logits' device ", x_in.device());
+  check_grad_and_sums(grad_loss_in, sums_in, positives, x_in, kOp,
+                      "decoupled_dice_loss_forward");
   const at::Tensor x = x_in.contiguous();  // (N, S, P)
   const at::Tensor y = y_in.contiguous();  // (N, S, P)
   const int64_t images = x.size(0);

@@ -17,6 +17,7 @@
 
 #include "cpu/huge_pages.h"
 #include "dice_loss.h"
+#include "op_checks.h"
 
 // One binary for every x86-64 machine: the loops are compiled for AVX-512, AVX2 and the baseline,
 // and the loader picks the best (GNU ifunc).
@@ -209,12 +210,8 @@ at::Tensor dice_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tens
                                   bool logits, double eps) {
   check_inputs(pred_in, target_in, "dice_loss_backward");
   const int64_t num_masks = pred_in.size(0);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == num_masks,
-              "dice_loss_backward: grad_loss must have shape (", num_masks, ",), got ",
-              grad_loss_in.sizes());
-  TORCH_CHECK(sums_in.dim() == 2 && sums_in.size(0) == num_masks && sums_in.size(1) == 3,
-              "dice_loss_backward: sums must have shape (", num_masks, ", 3), got ",
-              sums_in.sizes());
+  check_grad_and_sums(grad_loss_in, sums_in, num_masks, pred_in, "dice_loss_backward",
+                      "dice_loss_forward");
   const at::Tensor pred = pred_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const at::Tensor grad_loss = grad_loss_in.to(at::kDouble).contiguous();

@@ -20,6 +20,7 @@
 
 #include "cuda/dice_reduce.cuh"
 #include "dice_loss.h"
+#include "op_checks.h"
 
 namespace solo_fast {
 namespace {
@@ -159,17 +160,8 @@ at::Tensor dice_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Ten
   check_pred_target(pred_in, target_in, "dice_loss_backward");
   const int64_t n = pred_in.size(0);
   const int64_t p = pred_in.size(1);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == n &&
-                  at::isFloatingType(grad_loss_in.scalar_type()),
-              "dice_loss_backward: grad_loss must be a floating (", n, ",) tensor, got ",
-              grad_loss_in.scalar_type(), " ", grad_loss_in.sizes());
-  TORCH_CHECK(sums_in.dim() == 2 && sums_in.size(0) == n && sums_in.size(1) == 3 &&
-                  at::isFloatingType(sums_in.scalar_type()),
-              "dice_loss_backward: sums must be the float64 (", n, ", 3) tensor returned by "
-              "dice_loss_forward, got ", sums_in.scalar_type(), " ", sums_in.sizes());
-  TORCH_CHECK(grad_loss_in.device() == pred_in.device() && sums_in.device() == pred_in.device(),
-              "dice_loss_backward: grad_loss (", grad_loss_in.device(), ") and sums (",
-              sums_in.device(), ") must be on pred's device ", pred_in.device());
+  check_grad_and_sums(grad_loss_in, sums_in, n, pred_in, "dice_loss_backward",
+                      "dice_loss_forward");
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
   at::Tensor grad = at::empty({n, p}, pred.options());

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_from_environment", "is_main_process"]
+__all__ = ["init_from_environment", "is_main_process", "shutdown"]
 
 
 def init_from_environment(device: str | None = None) -> tuple[int, int, str]:
@@ -36,3 +36,16 @@ def init_from_environment(device: str | None = None) -> tuple[int, int, str]:
 def is_main_process() -> bool:
     """Rank 0, or no process group at all."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """Leaves the process group, if any; with ``wait``, once every process has arrived.
+
+    Without it the process exits with the communication threads still running, and the C++
+    runtime aborts the process ("terminate called without an active exception"). After an error
+    pass ``wait=False``: the other processes may never arrive.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""The detector every family shares: backbone -> FPN -> head, with its criterion and post-processing.
+"""The detector every family shares: backbone -> FPN -> head, its criterion and post-processing.
 
 ``model(images)`` returns the head's raw per-level tensors (the same in train and eval mode);
 ``model.loss(outputs, targets)`` and ``model.predict(outputs, image_sizes, original_sizes)``

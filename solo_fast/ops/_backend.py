@@ -3,12 +3,13 @@
 Backends: ``reference`` (PyTorch, always there), ``cpu`` (C++ kernels in ``solo_fast._C``),
 ``cuda`` (CUDA kernels in a CUDA build of ``solo_fast._C``) and ``triton`` (``solo_fast.kernels``).
 
-Per call, the first of these that is set decides: the ``backend=`` argument, the environment variable
-``SOLO_FAST_BACKEND``, the default for the tensor's device. The default is the fastest backend that
-has been *tested on that device*: on CPU tensors the C++ kernels; on CUDA tensors the backends listed
-in ``VERIFIED_ON_GPU`` (empty until the GPU test suite has passed on a real GPU; until then CUDA
-tensors run the reference). A backend that cannot run here (not built, wrong device, Triton missing)
-falls back to the device default with a one-time warning; it never silently computes something else.
+Per call, the first of these that is set decides: the ``backend=`` argument, the environment
+variable ``SOLO_FAST_BACKEND``, the default for the tensor's device. The default is the fastest
+backend that has been *tested on that device*: on CPU tensors the C++ kernels; on CUDA tensors the
+backends listed in ``VERIFIED_ON_GPU`` (empty until the GPU test suite has passed on a real GPU;
+until then CUDA tensors run the reference). A backend that cannot run here (not built, wrong
+device, Triton missing) falls back to the device default with a one-time warning; it never
+silently computes something else.
 """
 
 from __future__ import annotations

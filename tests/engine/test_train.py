@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import solo_fast
 from solo_fast.engine.train import NonFiniteLossError, RunSettings, Trainer, lr_factor

@@ -48,7 +48,7 @@ def toy_loader(batch_size: int, rank: int = 0, world_size: int = 1):
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=2 tests/engine/toy.py WORK_DIR OUT.json
-    from solo_fast.engine.distributed import init_from_environment
+    from solo_fast.engine.distributed import init_from_environment, shutdown
     from solo_fast.engine.train import RunSettings, Trainer
 
     torch.set_num_threads(1)
@@ -63,3 +63,4 @@ if __name__ == "__main__":  # torchrun --nproc_per_node=2 tests/engine/toy.py WO
     if rank == 0:
         with open(sys.argv[2], "w") as out:
             json.dump(records, out)
+    shutdown()

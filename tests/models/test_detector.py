@@ -1,4 +1,4 @@
-"""Every family, built from its mmdetection preset: a training step on CPU through the public API."""
+"""Every family, built from its mmdetection preset: train and predict on CPU via the public API."""
 
 import pytest
 import torch

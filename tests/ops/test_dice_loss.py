@@ -1,7 +1,8 @@
-"""solo_fast.ops.dice_loss: every backend against the PyTorch reference and mmdetection's outputs."""
+"""solo_fast.ops.dice_loss: every backend against the PyTorch reference and mmdetection."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ def test_empty_inputs(backend, shape):
 def test_half_inputs_accumulate_in_float32(backend, dtype):
     _require(backend)
     if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 (KERNELS.md section 3); GPU test covers it")
+        pytest.skip("the Triton interpreter has no bfloat16 (KERNELS.md section 3); "
+                    "the GPU test covers it")
     pred, target = make_dice_inputs(3, (41, 29), dtype=dtype)
     weights = torch.rand(3)
     loss, grad = _loss_and_grad(backend, pred, target, weights.to(dtype))
@@ -207,7 +209,7 @@ def test_bad_input_names_the_argument(bad, message):
     arguments = dict(pred=torch.randn(2, 3, 4), target=torch.ones(2, 3, 4, dtype=torch.bool))
     arguments.update(bad)
     pred, target = arguments.pop("pred"), arguments.pop("target")
-    with pytest.raises((TypeError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         dice_loss(pred, target, **arguments)
 
 

@@ -1,0 +1,70 @@
+// Input checks shared by the CPU and CUDA kernels of an op, so that both reject the same inputs
+// with the same messages (the Python wrappers check first, with friendlier names; these protect
+// direct torch.ops calls).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <utility>
+
+namespace solo_fast {
+
+// The upstream gradient (items,) and the float64 sums (items, 3) a dice forward returned, on the
+// device of ``like``.
+inline void check_grad_and_sums(const at::Tensor& grad_loss, const at::Tensor& sums,
+                                int64_t items, const at::Tensor& like, const char* op,
+                                const char* forward) {
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == items &&
+                  at::isFloatingType(grad_loss.scalar_type()),
+              op, ": grad_loss must be a floating (", items, ",) tensor, got ",
+              grad_loss.scalar_type(), " ", grad_loss.sizes());
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == items && sums.size(1) == 3 &&
+                  at::isFloatingType(sums.scalar_type()),
+              op, ": sums must be the float64 (", items, ", 3) tensor returned by ", forward,
+              ", got ", sums.scalar_type(), " ", sums.sizes());
+  TORCH_CHECK(grad_loss.device() == like.device() && sums.device() == like.device(), op,
+              ": grad_loss (", grad_loss.device(), ") and sums (", sums.device(),
+              ") must be on the inputs' device ", like.device());
+}
+
+// decoupled_dice_loss: x, y (N, S, P) floating; pos_image, pos_row, pos_col (K,) int64;
+// target (K, P) uint8, bool or x's dtype; all on x's device.
+inline void check_decoupled_inputs(const at::Tensor& x, const at::Tensor& y,
+                                   const at::Tensor& pos_image, const at::Tensor& pos_row,
+                                   const at::Tensor& pos_col, const at::Tensor& target,
+                                   const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x_logits must be 3-D (N, S, P), got shape ", x.sizes(),
+              "; flatten the pixel dimensions first");
+  TORCH_CHECK(y.sizes() == x.sizes(), op, ": y_logits must have x_logits' shape ", x.sizes(),
+              ", got ", y.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": x_logits must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y_logits must have x_logits' dtype ",
+              x.scalar_type(), ", got ", y.scalar_type());
+  const int64_t k = pos_image.dim() == 1 ? pos_image.size(0) : -1;
+  const std::pair<const char*, const at::Tensor*> indices[] = {
+      {"pos_image", &pos_image}, {"pos_row", &pos_row}, {"pos_col", &pos_col}};
+  for (const auto& [name, index] : indices) {
+    TORCH_CHECK(index->dim() == 1 && index->size(0) == k, op, ": ", name,
+                " must be 1-D with one entry per positive (pos_image has shape ",
+                pos_image.sizes(), "), got shape ", index->sizes());
+    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                index->scalar_type());
+    TORCH_CHECK(index->device() == x.device(), op, ": ", name, " is on ", index->device(),
+                " but x_logits is on ", x.device(), "; move both to the same device");
+  }
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == k && target.size(1) == x.size(2), op,
+              ": target must have shape (K, P) = (", k, ", ", x.size(2), "), got ",
+              target.sizes());
+  const auto target_dtype = target.scalar_type();
+  TORCH_CHECK(target_dtype == at::kByte || target_dtype == at::kBool ||
+                  target_dtype == x.scalar_type(),
+              op, ": target must be uint8 (0/1), bool or x_logits' dtype ", x.scalar_type(),
+              ", got ", target_dtype, "; convert it with target.to(x_logits.dtype)");
+  TORCH_CHECK(y.device() == x.device() && target.device() == x.device(), op, ": y_logits (",
+              y.device(), ") and target (", target.device(), ") must be on x_logits' device ",
+              x.device());
+}
+
+}  // namespace solo_fast
