@@ -123,9 +123,9 @@ def _eval(args: argparse.Namespace) -> int:
     loader = build_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     metrics = evaluate_model(model, loader, evaluator, device=device)
     if args.metrics:
-        from pathlib import Path
+        from solo_fast.engine.checkpoint import write_json_atomically
 
-        Path(args.metrics).write_text(json.dumps(metrics, indent=2))
+        write_json_atomically(metrics, args.metrics)
     return 0
 
 
@@ -138,6 +138,7 @@ def model_config(run: dict):
 def _predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from solo_fast.engine.checkpoint import write_json_atomically
     from solo_fast.engine.predict import predict_images, predictions_to_coco_json
     from solo_fast.engine.visualize import save_overlay
 
@@ -156,7 +157,7 @@ def _predict(args: argparse.Namespace) -> int:
                          prediction, names, score_thr=args.score_thr)
     records = predictions_to_coco_json(results, label_to_category_id=run.get(
         "label_to_category_id"))
-    Path(args.output).write_text(json.dumps(records))
+    write_json_atomically(records, args.output)
     print(f"{len(records)} instances in {len(results)} images -> {args.output}"
           + (f"; overlays in {args.overlays}" if args.overlays else ""))
     return 0

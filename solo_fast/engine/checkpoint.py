@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-__all__ = ["save_atomically", "rng_state", "restore_rng_state"]
+__all__ = ["restore_rng_state", "rng_state", "save_atomically", "write_atomically",
+           "write_json_atomically"]
 
 
-def save_atomically(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``.
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs, renames it over ``path``.
 
     A crash or a kill at any moment leaves either the previous file or the new one, never a
     truncated one (the rename is atomic on POSIX file systems).
@@ -25,13 +28,23 @@ def save_atomically(obj: Any, path: str | os.PathLike) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_atomically(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save ``obj`` to ``path`` through :func:`write_atomically`."""
+    write_atomically(path, lambda file: torch.save(obj, file))
+
+
+def write_json_atomically(data: Any, path: str | os.PathLike) -> None:
+    """JSON of ``data`` to ``path`` through :func:`write_atomically`."""
+    write_atomically(path, lambda file: file.write(json.dumps(data).encode()))
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +29,8 @@ import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from solo_fast.engine.checkpoint import write_json_atomically
 
 __all__ = ["METRIC_NAMES", "CocoEvaluator", "encode_masks", "evaluate_model", "xyxy_to_xywh"]
 
@@ -177,7 +177,7 @@ class CocoEvaluator:
         if results is None:
             return {}
         if self.output_file is not None:
-            _write_json_atomically(self.output_file, results)
+            write_json_atomically(results, self.output_file)
         image_ids = sorted(set(image_ids), key=lambda i: (str(type(i)), i))
         metrics: dict[str, float] = {}
         for iou_type in self.iou_types:
@@ -227,19 +227,6 @@ def format_table(metrics: Mapping[str, float], iou_types: Iterable[str], *, num_
         values = "".join(f"{metrics[f'{iou_type}/{name}']:>8.3f}" for name in METRIC_NAMES)
         lines.append(f"{iou_type:<6}{values}")
     return "\n".join(lines)
-
-
-def _write_json_atomically(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def evaluate_model(model: torch.nn.Module, loader: Iterable[Any], evaluator: CocoEvaluator, *,

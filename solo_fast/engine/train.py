@@ -26,7 +26,12 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from solo_fast.config import TrainConfig
-from solo_fast.engine.checkpoint import restore_rng_state, rng_state, save_atomically
+from solo_fast.engine.checkpoint import (
+    restore_rng_state,
+    rng_state,
+    save_atomically,
+    write_json_atomically,
+)
 
 __all__ = ["NonFiniteLossError", "RunSettings", "Trainer", "build_optimizer", "lr_factor"]
 
@@ -366,6 +371,6 @@ def train_on_coco(*, preset: str, overrides: dict[str, Any], annotation_file: st
         run = {"preset": preset, "overrides": overrides,
                "category_names": list(dataset.category_names),
                "label_to_category_id": list(dataset.label_to_category_id)}
-        (Path(settings.work_dir) / "run.json").write_text(json.dumps(run, indent=2))
+        write_json_atomically(run, Path(settings.work_dir) / "run.json")
     trainer = Trainer(model=model, train_cfg=config.train, loader=loader, settings=settings)
     return model, trainer.fit()
