@@ -10,7 +10,6 @@ truncated file fails here with the list of missing, unexpected and mis-shaped ke
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,16 +20,10 @@ from torch import Tensor
 
 from solo_fast.config import ModelConfig, get_preset
 from solo_fast.engine.checkpoint import save_atomically
+from solo_fast.models import build_model, mmdet_key_map
 
 __all__ = ["convert_mmdet_state_dict", "convert_mmdet_checkpoint", "extract_state_dict"]
 
-# family -> the module holding its mmdet_model_key_map
-_KEY_MAP_MODULES = {
-    "solo": "solo_fast.models.solo",
-    "decoupled_solo": "solo_fast.models.decoupled_solo",
-    "decoupled_solo_light": "solo_fast.models.decoupled_solo",
-    "solov2": "solo_fast.models.solov2",
-}
 # Bookkeeping entries of mmdetection models that hold no weights of the detector.
 _IGNORED_PREFIXES = ("data_preprocessor.",)
 
@@ -75,7 +68,7 @@ def convert_mmdet_state_dict(mmdet_state_dict: Mapping[str, Any], preset: str | 
     """
     config = _config(preset, overrides)
     state_dict = extract_state_dict(mmdet_state_dict)
-    key_map = importlib.import_module(_KEY_MAP_MODULES[config.head.family]).mmdet_model_key_map
+    key_map = mmdet_key_map(config.head.family)
     converted, unexpected = {}, []
     for key, value in state_dict.items():
         if key.startswith(_IGNORED_PREFIXES):
@@ -84,8 +77,6 @@ def convert_mmdet_state_dict(mmdet_state_dict: Mapping[str, Any], preset: str | 
             converted[key_map(key)] = value
         except KeyError:
             unexpected.append(key)
-
-    from solo_fast.models import build_model
 
     with torch.device("meta"):
         expected = build_model(config).state_dict()

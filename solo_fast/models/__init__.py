@@ -1,21 +1,20 @@
 """SOLO-family models: backbone + FPN + one head per family, each returning raw per-level tensors.
 
-:func:`build_model` builds the detector of any :class:`~solo_fast.config.ModelConfig`. SOLOv2
-lives in :mod:`solo_fast.models.solov2`; SOLO and the Decoupled heads in their own modules
-(``solo.py`` with ``build_solo``, ``decoupled_solo.py`` with ``build_decoupled_solo``), which
-are imported only when such a config is built.
+:func:`build_model` builds the detector of any :class:`~solo_fast.config.ModelConfig`; each
+family has its module (``solo.py``, ``decoupled_solo.py``, ``solov2.py``: heads, builder and
+mmdetection key map), and :data:`FAMILIES` maps a config's family to its builder and key map.
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
-
 from solo_fast.config import ModelConfig, apply_overrides, get_preset
+from solo_fast.models import decoupled_solo, solo, solov2
 from solo_fast.models.backbone import FPN, ResNet, build_backbone, build_neck
 from solo_fast.models.common import ConvGNReLU, coord_features, points_nms, resize_feats
+from solo_fast.models.detector import SOLODetector
 from solo_fast.models.solov2 import (
     MaskFeatModule,
     SOLOv2,
@@ -34,7 +33,10 @@ __all__ = [
     "SOLOv2Head",
     "SOLOv2Output",
     "build_backbone",
+    "FAMILIES",
+    "SOLODetector",
     "build_model",
+    "mmdet_key_map",
     "build_neck",
     "build_solov2",
     "build_solov2_head",
@@ -43,15 +45,17 @@ __all__ = [
     "resize_feats",
 ]
 
-# family -> (module under solo_fast.models, builder taking a ModelConfig)
-_BUILDERS = {
-    "solo": ("solo", "build_solo"),
-    "decoupled_solo": ("decoupled_solo", "build_decoupled_solo"),
-    "decoupled_solo_light": ("decoupled_solo", "build_decoupled_solo"),
+# family -> (builder taking a ModelConfig, map of mmdetection detector keys to solo_fast's)
+FAMILIES: dict[str, tuple[Callable[[ModelConfig], SOLODetector], Callable[[str], str]]] = {
+    "solo": (solo.build_solo, solo.mmdet_model_key_map),
+    "decoupled_solo": (decoupled_solo.build_decoupled_solo, decoupled_solo.mmdet_model_key_map),
+    "decoupled_solo_light": (decoupled_solo.build_decoupled_solo,
+                             decoupled_solo.mmdet_model_key_map),
+    "solov2": (solov2.build_solov2, solov2.mmdet_model_key_map),
 }
 
 
-def build_model(preset: str | ModelConfig, /, **overrides: Any) -> nn.Module:
+def build_model(preset: str | ModelConfig, /, **overrides: Any) -> SOLODetector:
     """The detector of a preset or config.
 
     Examples::
@@ -65,20 +69,17 @@ def build_model(preset: str | ModelConfig, /, **overrides: Any) -> nn.Module:
 
     Raises:
         ValueError: an unknown preset or override.
-        NotImplementedError: DCN / ResNeXt configs, or a family whose module is not available.
+        NotImplementedError: DCN / ResNeXt configs.
     """
     cfg = preset if isinstance(preset, ModelConfig) else get_preset(preset)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    if cfg.head.family == "solov2":
-        return build_solov2(cfg)
-    module_name, builder = _BUILDERS[cfg.head.family]
-    try:
-        module = importlib.import_module(f"solo_fast.models.{module_name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"solo_fast.models.{module_name}":
-            raise
-        raise NotImplementedError(
-            f"family {cfg.head.family!r} needs solo_fast.models.{module_name}, which is not "
-            f"available") from err
-    return getattr(module, builder)(cfg)
+    build, _ = FAMILIES[cfg.head.family]
+    return build(cfg)
+
+
+def mmdet_key_map(family: str) -> Callable[[str], str]:
+    """The map of a family's mmdetection detector keys (``backbone.*``, ``neck.*``,
+    ``mask_head.*``) to solo_fast's; it raises KeyError for keys the family does not have."""
+    _, key_map = FAMILIES[family]
+    return key_map
