@@ -175,8 +175,8 @@ def test_empty_inputs(backend, num_images, grids, size, num_positives):
 def test_half_inputs_accumulate_in_float32(backend, dtype):
     _require(backend)
     if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 (KERNELS.md section 3); "
-                    "the GPU test covers it")
+        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
+                    "interpreter has no bfloat16, KERNELS.md section 3")
     inputs = make_decoupled_inputs(2, 5, (21, 29), 12, dtype=dtype, seed=5)
     weights = torch.rand(12)
     loss, grad_x, grad_y = _loss_and_grads(backend, inputs, weights.to(dtype))

@@ -98,8 +98,8 @@ def test_empty_inputs(backend, shape):
 def test_half_inputs_accumulate_in_float32(backend, dtype):
     _require(backend)
     if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16 (KERNELS.md section 3); "
-                    "the GPU test covers it")
+        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
+                    "interpreter has no bfloat16, KERNELS.md section 3")
     pred, target = make_dice_inputs(3, (41, 29), dtype=dtype)
     weights = torch.rand(3)
     loss, grad = _loss_and_grad(backend, pred, target, weights.to(dtype))
