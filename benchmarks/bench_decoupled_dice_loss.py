@@ -16,10 +16,9 @@ they share rows and columns as real targets do), and a small level (S = 36, 100 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from solo_fast.ops import decoupled_dice_loss
-from tests.ops.helpers import benchmark_cases, peak_memory_mb
+from tests.ops.helpers import benchmark_cases, benchmark_op
 from tests.ops.test_decoupled_dice_loss import make_decoupled_inputs
 
 # name -> (N, S, (H, W), K, blocks of cells the positives are drawn in)
@@ -39,33 +38,5 @@ def test_decoupled_dice_loss(benchmark, size, device, provider, mode):
                                         num_blocks=blocks)
     x.requires_grad_(mode != "forward")
     y.requires_grad_(mode != "forward")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def forward():
-        return decoupled_dice_loss(x, y, *rest, backend=provider).sum()
-
-    def full():
-        x.grad = y.grad = None
-        forward().backward()
-        sync()
-
-    if mode == "forward":
-        def run():
-            with torch.no_grad():
-                forward()
-            sync()
-        benchmark.extra_info["peak_mb"] = peak_memory_mb(run, device)
-        benchmark.pedantic(run, rounds=10, warmup_rounds=1)
-    elif mode == "backward":
-        def setup():
-            x.grad = y.grad = None
-            return (forward(),), {}
-
-        def backward(loss):
-            loss.backward()
-            sync()
-        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
-        benchmark.pedantic(backward, setup=setup, rounds=10, warmup_rounds=1)
-    else:
-        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
-        benchmark.pedantic(full, rounds=10, warmup_rounds=1)
+    benchmark_op(benchmark, device=device, mode=mode, leaves=[x, y],
+                 loss=lambda: decoupled_dice_loss(x, y, *rest, backend=provider).sum())

@@ -9,10 +9,9 @@ the inputs already hold (CPU; GPU peaks come from the CUDA allocator).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from solo_fast.ops import dice_loss
-from tests.ops.helpers import benchmark_cases, make_dice_inputs, peak_memory_mb
+from tests.ops.helpers import benchmark_cases, benchmark_op, make_dice_inputs
 
 SIZES = {"K200_200x272": (200, (200, 272)), "K50_100x136": (50, (100, 136))}
 MODES = ("forward", "backward", "full")
@@ -27,33 +26,5 @@ def test_dice_loss(benchmark, size, device, provider, mode):
     benchmark.extra_info.update(provider=provider, device=device, mode=mode)
     pred, target = make_dice_inputs(num_masks, pixels, device=device)
     pred.requires_grad_(mode != "forward")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def forward():
-        return dice_loss(pred, target, backend=provider).sum()
-
-    def full():
-        pred.grad = None
-        forward().backward()
-        sync()
-
-    if mode == "forward":
-        def run():
-            with torch.no_grad():
-                forward()
-            sync()
-        benchmark.extra_info["peak_mb"] = peak_memory_mb(run, device)
-        benchmark.pedantic(run, rounds=10, warmup_rounds=1)
-    elif mode == "backward":
-        def setup():
-            pred.grad = None
-            return (forward(),), {}
-
-        def backward(loss):
-            loss.backward()
-            sync()
-        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
-        benchmark.pedantic(backward, setup=setup, rounds=10, warmup_rounds=1)
-    else:
-        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
-        benchmark.pedantic(full, rounds=10, warmup_rounds=1)
+    benchmark_op(benchmark, device=device, mode=mode, leaves=[pred],
+                 loss=lambda: dice_loss(pred, target, backend=provider).sum())

@@ -9,8 +9,8 @@ import torch
 
 from solo_fast.ops.reference import dice_loss_reference
 
-__all__ = ["benchmark_cases", "dice_loss_reference", "make_dice_inputs", "peak_memory_increase",
-           "peak_memory_mb"]
+__all__ = ["benchmark_cases", "benchmark_op", "dice_loss_reference", "make_dice_inputs",
+           "peak_memory_increase", "peak_memory_mb"]
 
 
 def make_dice_inputs(num_masks: int, pixels: tuple[int, ...], *, dtype=torch.float32,
@@ -96,3 +96,49 @@ def peak_memory_mb(fn, device: str) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     return peak_memory_increase(fn) / 2**20
+
+
+def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves) -> None:
+    """Times one op in one mode with pytest-benchmark and records its peak memory.
+
+    Args:
+        benchmark: pytest-benchmark's fixture.
+        device: ``"cpu"`` or ``"cuda"`` (CUDA is synchronised after each timed call).
+        mode: ``"forward"`` (no autograd), ``"backward"`` (the forward runs untimed in the
+            setup) or ``"full"`` (forward and backward).
+        loss: A function returning the op's summed loss (a 0-d tensor) on its inputs.
+        leaves: The inputs that get gradients; they are cleared before every backward.
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def clear():
+        for leaf in leaves:
+            leaf.grad = None
+
+    def full():
+        clear()
+        loss().backward()
+        sync()
+
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                loss()
+            sync()
+        benchmark.extra_info["peak_mb"] = peak_memory_mb(forward, device)
+        benchmark.pedantic(forward, rounds=10, warmup_rounds=1)
+    elif mode == "backward":
+        def setup():
+            clear()
+            return (loss(),), {}
+
+        def backward(value):
+            value.backward()
+            sync()
+        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
+        benchmark.pedantic(backward, setup=setup, rounds=10, warmup_rounds=1)
+    elif mode == "full":
+        benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
+        benchmark.pedantic(full, rounds=10, warmup_rounds=1)
+    else:
+        raise ValueError(f"mode must be forward, backward or full, got {mode!r}")
