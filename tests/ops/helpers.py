@@ -10,7 +10,7 @@ import torch
 from solo_fast.ops.reference import dice_loss_reference
 
 __all__ = ["benchmark_cases", "benchmark_op", "dice_loss_reference", "make_dice_inputs",
-           "peak_memory_increase", "peak_memory_mb"]
+           "peak_memory_increase", "peak_memory_mb", "resident_memory"]
 
 
 def make_dice_inputs(num_masks: int, pixels: tuple[int, ...], *, dtype=torch.float32,
@@ -48,6 +48,12 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+def resident_memory() -> int:
+    """Bytes the process holds in RAM now, after handing free C-heap pages back (Linux)."""
+    _trim_heap()
+    return _memory_status()[1]
 
 
 def peak_memory_increase(fn) -> int:
