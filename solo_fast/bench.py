@@ -1,6 +1,6 @@
 """A tour of the fused ops: every backend available here against the reference, and its speed.
 
-Run by ``solo-fast demo`` until the trainer's demo lands. Sizes are the canonical COCO ones of
+Run by ``solo-fast bench``. Sizes are the canonical COCO ones of
 ``benchmarks/RESULTS.md`` (K = 200 masks or positives of 200x272).
 """
 

@@ -1,14 +1,14 @@
-"""solo-fast demo's tour of the fused ops: every backend agrees with the reference."""
+"""solo-fast bench: the fused ops: every backend agrees with the reference."""
 
 import pytest
 
-from solo_fast import cli, showcase
+from solo_fast import bench, cli
 
 
-@pytest.mark.parametrize("run", [showcase.showcase_dice_loss,
-                                 showcase.showcase_decoupled_dice_loss])
+@pytest.mark.parametrize("run", [bench.showcase_dice_loss,
+                                 bench.showcase_decoupled_dice_loss])
 def test_backends_agree_with_the_reference(run):
-    kwargs = dict(num_positives=12, grids=5) if run is showcase.showcase_decoupled_dice_loss \
+    kwargs = dict(num_positives=12, grids=5) if run is bench.showcase_decoupled_dice_loss \
         else dict(num_masks=6)
     reports = run(height=17, width=23, repeats=1, backends=["reference", "cpu"], **kwargs)
     assert [r.backend for r in reports] == ["reference", "cpu"]
