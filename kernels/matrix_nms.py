@@ -1,0 +1,413 @@
+"""Triton kernels of Matrix NMS (SOLOv2, SPEC §10) on bit-packed masks, and their host launchers.
+
+Two host functions with the contract of the ATen ops ``solo_fast::matrix_nms_pack`` and
+``solo_fast::matrix_nms_decay`` (``csrc/solo_fast.cpp``); the sorts, the ``nms_pre`` cut, the
+filter and ``max_num`` stay in ``solo_fast/ops/matrix_nms.py``.
+
+* ``matrix_nms_pack``: bit b of word w of a row is pixel 64 w + b of the flattened mask.
+* ``matrix_nms_decay``: masks sorted by descending score within each segment (image). Only pairs
+  of one segment and one label interact, so the candidates are first put in (segment, label)
+  order by two stable sorts, which keep the score order inside every group; a group is then a
+  contiguous run of positions and the work is the sum of its triangles, not n^2 / 2. Four
+  launches, no atomics, every output element written by one program (deterministic):
+
+  1. word ranges: the first and one-past-last nonzero word of every mask, so that a tile of pairs
+     ANDs only the words where its masks can overlap;
+  2. IoU: program (row tile, column tile) of the position x position matrix popcounts the AND of
+     every pair of its tile over the tile's word range and stores iou for the pairs i < j of one
+     group (other entries are never written nor read);
+  3. compensation: program (column block) takes comp_j = max(0, max over i of iou_ij), the
+     column max, and stores f(comp_j);
+  4. decay: program (column block) takes min(1, min over i of f(iou_ij) / f(comp_i)) and scatters
+     it to the candidates' input rows.
+
+The arithmetic is that of ``csrc/matrix_nms.h`` operation for operation: iou in the areas'
+dtype from an exact integer intersection, f evaluated per value and divided (not
+exp(-sigma (d^2 - c^2))), the linear kernel's 0/0 -> 0, and NaN propagating through min and max as
+in torch. On a GPU, popcount and exp are libdevice's (``__nv_popcll``, and ``__nv_expf`` /
+``__nv_exp``, the functions CUDA's ``expf`` / ``exp`` are, so the Triton and CUDA kernels agree
+bit for bit); the interpreter has no libdevice, and takes a SWAR popcount and numpy's exp.
+"""
+
+# N=candidates of all segments, B=segments (images), H, W=mask size, P=H*W pixels,
+# WD=ceil(P / 64) packed words per mask; a "position" indexes the (segment, label)-grouped order
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
+
+from .dice_loss import _device_guard
+
+__all__ = ["GAUSSIAN", "LINEAR", "matrix_nms_decay", "matrix_nms_pack"]
+
+GAUSSIAN = 0
+LINEAR = 1
+
+# Pack: words per program (2048 pixels, 16 bytes per thread at 4 warps).
+PACK_WORDS = 32
+# Word ranges: words per loop step of one mask.
+RANGE_WORDS = 256
+# IoU: a program owns TILE x TILE pairs and ANDs TILE_WORDS words of each per step
+# (TILE * TILE * TILE_WORDS = 4096 pair-words in flight, 32 per thread at 4 warps).
+TILE = 16
+TILE_WORDS = 16
+# Compensation and decay: columns per program; each walks the rows of its columns' groups.
+COLUMNS = 128
+
+
+@triton.jit
+def _popcount(x, USE_LIBDEVICE: tl.constexpr):
+    """Set bits of each int64 of x, as int32."""
+    if USE_LIBDEVICE:
+        return libdevice.popc(x)
+    else:
+        # SWAR on the unsigned bits: logical shifts; the final multiply sums the eight bytes.
+        u = x.to(tl.uint64, bitcast=True)
+        u = u - ((u >> 1) & 0x5555555555555555)
+        u = (u & 0x3333333333333333) + ((u >> 2) & 0x3333333333333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F0F0F0F0F
+        return ((u * 0x0101010101010101) >> 56).to(tl.int32)
+
+
+@triton.jit
+def _divide(x, y):
+    """x / y rounded to nearest (tl's float32 ``/`` may lower to an approximate division)."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _kernel_value(x, neg_sigma, KERNEL: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """f(x): exp(-sigma * x^2) (gaussian, -sigma in x's dtype, x * x first) or 1 - x (linear)."""
+    if KERNEL == 0:
+        z = neg_sigma * (x * x)
+        if USE_LIBDEVICE:
+            # tl.exp on float32 is ex2.approx(z * log2 e); libdevice's is CUDA's expf.
+            return libdevice.exp(z)
+        else:
+            return tl.exp(z)
+    else:
+        return 1.0 - x
+
+
+@triton.jit
+def _matrix_nms_pack_kernel(
+    mask_ptr,  # (N, P) contiguous uint8 (bool storage read as bytes); nonzero = in the mask
+    packed_ptr,  # (N, WD) contiguous int64 output
+    num_pixels,  # P
+    num_words,  # WD
+    BLOCK_WORDS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    words = tl.program_id(1) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)  # (BLOCK_WORDS,)
+    bits = tl.arange(0, 64)
+    pixels = words[:, None] * 64 + bits[None, :]  # (BLOCK_WORDS, 64)
+    values = tl.load(mask_ptr + row.to(tl.int64) * num_pixels + pixels, mask=pixels < num_pixels,
+                     other=0)
+    one = tl.full([BLOCK_WORDS, 64], 1, tl.int64)
+    # Distinct powers of two: their sum is their OR, without carries (bit 63 included).
+    packed = tl.sum(tl.where(values != 0, one << bits[None, :].to(tl.int64), 0), axis=1)
+    tl.store(packed_ptr + row.to(tl.int64) * num_words + words, packed, mask=words < num_words)
+
+
+@triton.jit
+def _matrix_nms_word_range_kernel(
+    packed_ptr,  # (N, WD) contiguous int64, rows in input order
+    order_ptr,  # (N,) int64: input row of each position
+    first_ptr,  # (N,) int32 output per position: first nonzero word (WD for an empty mask)
+    end_ptr,  # (N,) int32 output per position: last nonzero word + 1 (0 for an empty mask)
+    num_words,  # WD
+    BLOCK: tl.constexpr,
+):
+    position = tl.program_id(0)
+    row_ptr = packed_ptr + tl.load(order_ptr + position) * num_words
+    lanes = tl.arange(0, BLOCK)
+    first = tl.full([BLOCK], num_words, tl.int32)
+    end = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, num_words, BLOCK):
+        words = start + lanes
+        nonzero = tl.load(row_ptr + words, mask=words < num_words, other=0) != 0
+        first = tl.minimum(first, tl.where(nonzero, words, num_words))
+        end = tl.maximum(end, tl.where(nonzero, words + 1, 0))
+    tl.store(first_ptr + position, tl.min(first, axis=0))
+    tl.store(end_ptr + position, tl.max(end, axis=0))
+
+
+@triton.jit
+def _matrix_nms_iou_kernel(
+    packed_ptr,  # (N, WD) contiguous int64, rows in input order
+    order_ptr,  # (N,) int64: input row of each position
+    group_start_ptr,  # (N,) int32: first position of each position's (segment, label) group
+    first_ptr,  # (N,) int32: first nonzero word per position
+    end_ptr,  # (N,) int32: last nonzero word + 1 per position
+    area_ptr,  # (N,) float32 or float64 per position: the compute dtype
+    iou_ptr,  # (N, N) contiguous, area's dtype: iou[i, j] written for i < j of one group only
+    num,  # N
+    num_words,  # WD
+    TILE_I: tl.constexpr,
+    TILE_J: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
+):
+    rows = tl.program_id(0) * TILE_I + tl.arange(0, TILE_I)  # (TILE_I,) positions i
+    cols = tl.program_id(1) * TILE_J + tl.arange(0, TILE_J)  # (TILE_J,) positions j
+    row_in = rows < num
+    col_in = cols < num
+    row_group = tl.load(group_start_ptr + rows, mask=row_in, other=-1)
+    col_group = tl.load(group_start_ptr + cols, mask=col_in, other=-2)
+    pair = (row_group[:, None] == col_group[None, :]) & (rows[:, None] < cols[None, :])
+    row_used = tl.max(pair.to(tl.int32), axis=1) > 0  # (TILE_I,)
+    col_used = tl.max(pair.to(tl.int32), axis=0) > 0  # (TILE_J,)
+    # Words outside [lo, hi) are zero in every row or in every column of a pair: their ANDs are
+    # zero. A tile without pairs (below the diagonal, or across groups) gets an empty range.
+    row_first = tl.load(first_ptr + rows, mask=row_used, other=num_words)
+    col_first = tl.load(first_ptr + cols, mask=col_used, other=num_words)
+    row_end = tl.load(end_ptr + rows, mask=row_used, other=0)
+    col_end = tl.load(end_ptr + cols, mask=col_used, other=0)
+    lo = tl.maximum(tl.min(row_first, axis=0), tl.min(col_first, axis=0))
+    hi = tl.minimum(tl.max(row_end, axis=0), tl.max(col_end, axis=0))
+
+    row_ptr = packed_ptr + tl.load(order_ptr + rows, mask=row_used, other=0) * num_words
+    col_ptr = packed_ptr + tl.load(order_ptr + cols, mask=col_used, other=0) * num_words
+    lanes = tl.arange(0, BLOCK_WORDS)
+    inter = tl.zeros([TILE_I, TILE_J], tl.int32)
+    for start in range(lo, hi, BLOCK_WORDS):
+        words = start + lanes
+        in_range = words < hi
+        a = tl.load(row_ptr[:, None] + words[None, :], mask=row_used[:, None] & in_range[None, :],
+                    other=0)  # (TILE_I, BLOCK_WORDS)
+        b = tl.load(col_ptr[:, None] + words[None, :], mask=col_used[:, None] & in_range[None, :],
+                    other=0)  # (TILE_J, BLOCK_WORDS)
+        both = a[:, None, :] & b[None, :, :]  # (TILE_I, TILE_J, BLOCK_WORDS)
+        inter += tl.sum(_popcount(both, USE_LIBDEVICE), axis=2)
+
+    area_i = tl.load(area_ptr + rows, mask=row_in, other=1)
+    area_j = tl.load(area_ptr + cols, mask=col_in, other=1)
+    overlap = inter.to(area_i.dtype)
+    iou = _divide(overlap, (area_i[:, None] + area_j[None, :]) - overlap)
+    tl.store(iou_ptr + rows.to(tl.int64)[:, None] * num + cols[None, :], iou, mask=pair)
+
+
+@triton.jit
+def _matrix_nms_compensation_kernel(
+    iou_ptr,  # (N, N) contiguous: iou[i, j] for i < j of one group (the IoU kernel's output)
+    group_start_ptr,  # (N,) int32 per position
+    neg_sigma_ptr,  # (1,) -sigma in iou's dtype
+    f_comp_ptr,  # (N,) iou's dtype output per position: f(comp)
+    num,  # N
+    KERNEL: tl.constexpr,  # 0 gaussian, 1 linear
+    BLOCK: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions j
+    col_in = cols < num
+    starts = tl.load(group_start_ptr + cols, mask=col_in, other=num)
+    neg_sigma = tl.load(neg_sigma_ptr)
+    row_stride = num.to(tl.int64)  # 64-bit row offsets past N = 46341
+    comp = tl.zeros([BLOCK], iou_ptr.dtype.element_ty)
+    # Rows from the first column's group start to the last column: a contiguous row each step.
+    for i in range(tl.min(starts, axis=0), tl.max(tl.where(col_in, cols, 0), axis=0)):
+        valid = col_in & (i >= starts) & (i < cols)
+        x = tl.load(iou_ptr + i * row_stride + cols, mask=valid, other=0)
+        comp = tl.where(valid & ((x > comp) | (x != x)), x, comp)  # torch.max: NaN wins
+    tl.store(f_comp_ptr + cols, _kernel_value(comp, neg_sigma, KERNEL, USE_LIBDEVICE),
+             mask=col_in)
+
+
+@triton.jit
+def _matrix_nms_decay_kernel(
+    iou_ptr,  # (N, N) contiguous: iou[i, j] for i < j of one group
+    group_start_ptr,  # (N,) int32 per position
+    f_comp_ptr,  # (N,) iou's dtype per position: f(comp) (the compensation kernel's output)
+    order_ptr,  # (N,) int64: input row of each position
+    neg_sigma_ptr,  # (1,) -sigma in iou's dtype
+    decay_ptr,  # (N,) iou's dtype output, per input row
+    num,  # N
+    KERNEL: tl.constexpr,  # 0 gaussian, 1 linear
+    BLOCK: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions j
+    col_in = cols < num
+    starts = tl.load(group_start_ptr + cols, mask=col_in, other=num)
+    neg_sigma = tl.load(neg_sigma_ptr)
+    row_stride = num.to(tl.int64)  # 64-bit row offsets past N = 46341
+    decay = tl.full([BLOCK], 1.0, iou_ptr.dtype.element_ty)
+    for i in range(tl.min(starts, axis=0), tl.max(tl.where(col_in, cols, 0), axis=0)):
+        valid = col_in & (i >= starts) & (i < cols)
+        x = tl.load(iou_ptr + i * row_stride + cols, mask=valid, other=0)
+        # Broadcast before comparing: the interpreter cannot AND a scalar int1 into a block.
+        f_comp = tl.broadcast_to(tl.load(f_comp_ptr + i), [BLOCK])
+        f_iou = _kernel_value(x, neg_sigma, KERNEL, USE_LIBDEVICE)
+        ratio = _divide(f_iou, f_comp)
+        if KERNEL == 1:
+            ratio = tl.where((f_iou == 0) & (f_comp == 0), 0.0, ratio)  # the reference's 0/0 -> 0
+        decay = tl.where(valid & ((ratio < decay) | (ratio != ratio)), ratio, decay)
+    rows = tl.load(order_ptr + cols, mask=col_in, other=0)
+    tl.store(decay_ptr + rows, decay, mask=col_in)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+
+# Triton decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1); the
+# interpreter cannot call libdevice.
+_INTERPRETED = not isinstance(_matrix_nms_iou_kernel, triton.runtime.jit.JITFunction)
+
+
+def _use_libdevice(tensor: Tensor) -> bool:
+    return tensor.is_cuda and not _INTERPRETED
+
+
+def matrix_nms_pack(masks: Tensor) -> Tensor:
+    """Bit-packs binary masks, 64 pixels per int64 word.
+
+    Args:
+        masks: (N, H, W) bool or uint8 (nonzero = in the mask); CUDA, or CPU under
+            ``TRITON_INTERPRET=1``.
+
+    Returns:
+        (N, ceil(H * W / 64)) int64: bit b of word w holds pixel 64 w + b of the row-major
+        flattened mask; the bits past H * W are zero.
+
+    Raises:
+        TypeError, ValueError: masks not 3-D, not bool / uint8, or of 2^31 pixels or more.
+    """
+    if masks.dim() != 3:
+        raise ValueError(f"matrix_nms_pack: masks must be 3-D (N, H, W), got shape "
+                         f"{tuple(masks.shape)}")
+    if masks.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"matrix_nms_pack: masks must be bool or uint8, got {masks.dtype}")
+    num, height, width = masks.shape
+    num_pixels = height * width
+    if num_pixels >= 2**31:
+        raise ValueError(f"matrix_nms_pack: masks must have fewer than 2^31 pixels, got "
+                         f"{height} x {width}")
+    num_words = triton.cdiv(num_pixels, 64)
+    packed = torch.empty((num, num_words), dtype=torch.int64, device=masks.device)  # (N, WD)
+    if num == 0 or num_words == 0:
+        return packed
+    flat = masks.reshape(num, num_pixels).contiguous()  # (N, P)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)  # bool storage is one byte, 0 or 1
+    with _device_guard(masks):
+        _matrix_nms_pack_kernel[(num, triton.cdiv(num_words, PACK_WORDS))](
+            flat, packed, num_pixels, num_words, BLOCK_WORDS=PACK_WORDS, num_warps=4)
+    return packed
+
+
+def _check_decay_inputs(packed: Tensor, labels: Tensor, areas: Tensor, segments: Tensor,
+                        kernel: int) -> None:
+    op = "matrix_nms_decay"
+    if packed.dim() != 2 or packed.dtype != torch.int64:
+        raise ValueError(f"{op}: packed must be a 2-D int64 (N, words) tensor from "
+                         f"matrix_nms_pack, got {packed.dtype} of shape {tuple(packed.shape)}")
+    num = packed.shape[0]
+    if labels.dim() != 1 or labels.shape[0] != num or labels.dtype != torch.int64:
+        raise ValueError(f"{op}: labels must be int64 of shape ({num},), one per packed row, got "
+                         f"{labels.dtype} of shape {tuple(labels.shape)}")
+    if areas.dim() != 1 or areas.shape[0] != num:
+        raise ValueError(f"{op}: areas must have shape ({num},), one per packed row, got "
+                         f"{tuple(areas.shape)}")
+    if areas.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: areas must be float32 or float64, got {areas.dtype}")
+    if segments.dim() != 1 or segments.shape[0] < 1 or segments.dtype != torch.int64:
+        raise ValueError(f"{op}: segments must be 1-D int64 offsets (B + 1,) with B >= 0, got "
+                         f"{segments.dtype} of shape {tuple(segments.shape)}")
+    if kernel not in (GAUSSIAN, LINEAR):
+        raise ValueError(f"{op}: kernel must be {GAUSSIAN} (gaussian) or {LINEAR} (linear), "
+                         f"got {kernel}")
+    for name, tensor in (("labels", labels), ("areas", areas), ("segments", segments)):
+        if tensor.device != packed.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but packed is on "
+                             f"{packed.device}; move both to the same device")
+    # One device-to-host copy: offsets that do not partition [0, N) are a caller's bug.
+    ok = (segments[0] == 0) & (segments[-1] == num)
+    if segments.shape[0] > 1:
+        ok &= (segments[1:] >= segments[:-1]).all()
+    if not bool(ok):
+        raise ValueError(f"{op}: segments must be nondecreasing offsets from 0 to N = {num}, got "
+                         f"{segments.tolist()}")
+
+
+def _group_positions(labels: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
+    """(order (N,) int64, group_start (N,) int32): positions grouped by (segment, label), score
+    order kept.
+
+    order[p] is the input row at position p; group_start[p] the first position of p's group.
+    """
+    num = labels.shape[0]
+    positions = torch.arange(num, device=labels.device)  # (N,)
+    segment = torch.searchsorted(segments[1:].contiguous(), positions, right=True)  # (N,)
+    # Two stable sorts: by label, then by segment; rows stay ascending (best score first) within
+    # each (segment, label).
+    _, by_label = torch.sort(labels, stable=True)
+    _, by_segment = torch.sort(segment[by_label], stable=True)
+    order = by_label[by_segment]  # (N,)
+    segment, label = segment[order], labels[order]
+    starts = torch.ones(num, dtype=torch.bool, device=labels.device)  # (N,)
+    starts[1:] = (segment[1:] != segment[:-1]) | (label[1:] != label[:-1])
+    group_start = torch.where(starts, positions, 0).cummax(0).values  # (N,)
+    return order.contiguous(), group_start.to(torch.int32).contiguous()
+
+
+def matrix_nms_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Tensor,
+                     kernel: int, sigma: float) -> Tensor:
+    """Matrix NMS decay coefficient of every candidate, from bit-packed masks.
+
+    Args:
+        packed: (N, WD) int64 from ``matrix_nms_pack``, rows sorted by descending score within
+            each segment; CUDA, or CPU under ``TRITON_INTERPRET=1``.
+        labels: (N,) int64 class of each row.
+        areas: (N,) float32 or float64 area of each row, used as given; the compute dtype.
+        segments: (B + 1,) int64 offsets: rows segments[b] .. segments[b + 1] - 1 are image b's;
+            only pairs within one segment interact. ``[0, N]`` for a single image.
+        kernel: 0 (gaussian) or 1 (linear).
+        sigma: gaussian parameter, f(x) = exp(-sigma x^2); unused by the linear kernel.
+
+    Returns:
+        decay (N,) in areas' dtype: decay_j = min(1, min over rows i < j of j's segment and label
+        of f(iou_ij) / f(comp_i)), comp_i = max(0, max over such k < i of iou_ki), with the
+        linear kernel's 0/0 -> 0 and NaN propagating as in ``matrix_nms_reference``.
+
+    Raises:
+        TypeError, ValueError: a dtype, shape, device, kernel or segment offset breaks the
+            contract above.
+    """
+    _check_decay_inputs(packed, labels, areas, segments, kernel)
+    num, num_words = packed.shape
+    decay = torch.empty(num, dtype=areas.dtype, device=packed.device)  # (N,)
+    if num == 0:
+        return decay
+    packed = packed.contiguous()
+    order, group_start = _group_positions(labels, segments)
+    area = areas[order].contiguous()  # (N,) per position
+    # -sigma rounded to the compute dtype, as torch rounds the reference's Python scalar.
+    neg_sigma = torch.full((1,), -float(sigma), dtype=areas.dtype, device=packed.device)
+    first = torch.empty(num, dtype=torch.int32, device=packed.device)  # (N,)
+    end = torch.empty(num, dtype=torch.int32, device=packed.device)  # (N,)
+    # Entries outside the groups' triangles are never written nor read.
+    iou = torch.empty((num, num), dtype=areas.dtype, device=packed.device)  # (N, N)
+    f_comp = torch.empty(num, dtype=areas.dtype, device=packed.device)  # (N,)
+    use_libdevice = _use_libdevice(packed)
+    tiles = triton.cdiv(num, TILE)
+    columns = triton.cdiv(num, COLUMNS)
+    with _device_guard(packed):
+        _matrix_nms_word_range_kernel[(num,)](
+            packed, order, first, end, num_words, BLOCK=RANGE_WORDS, num_warps=2)
+        _matrix_nms_iou_kernel[(tiles, tiles)](
+            packed, order, group_start, first, end, area, iou, num, num_words, TILE_I=TILE,
+            TILE_J=TILE, BLOCK_WORDS=TILE_WORDS, USE_LIBDEVICE=use_libdevice, num_warps=4)
+        _matrix_nms_compensation_kernel[(columns,)](
+            iou, group_start, neg_sigma, f_comp, num, KERNEL=kernel, BLOCK=COLUMNS,
+            USE_LIBDEVICE=use_libdevice, num_warps=4)
+        _matrix_nms_decay_kernel[(columns,)](
+            iou, group_start, f_comp, order, neg_sigma, decay, num, KERNEL=kernel,
+            BLOCK=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4)
+    return decay
