@@ -161,14 +161,16 @@ def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
                 signature={"iou_ptr": f"*{dtype}", "group_start_ptr": "*i32",
                            "neg_sigma_ptr": f"*{dtype}", "f_comp_ptr": f"*{dtype}",
                            "num": "i32"},
-                constexprs={"KERNEL": kernel, "BLOCK": module.COLUMNS, "USE_LIBDEVICE": True},
+                constexprs={"KERNEL": kernel, "BLOCK_I": module.ROWS, "BLOCK_J": module.COLUMNS,
+                            "USE_LIBDEVICE": True},
                 aligned=("iou_ptr", "group_start_ptr", "neg_sigma_ptr", "f_comp_ptr")))
             entries.append(CompileEntry(
                 kernel="_matrix_nms_decay_kernel", variant=f"{dtype} {name}",
                 signature={"iou_ptr": f"*{dtype}", "group_start_ptr": "*i32",
                            "f_comp_ptr": f"*{dtype}", "order_ptr": "*i64",
                            "neg_sigma_ptr": f"*{dtype}", "decay_ptr": f"*{dtype}", "num": "i32"},
-                constexprs={"KERNEL": kernel, "BLOCK": module.COLUMNS, "USE_LIBDEVICE": True},
+                constexprs={"KERNEL": kernel, "BLOCK_I": module.ROWS, "BLOCK_J": module.COLUMNS,
+                            "USE_LIBDEVICE": True},
                 aligned=("iou_ptr", "group_start_ptr", "f_comp_ptr", "order_ptr",
                          "neg_sigma_ptr", "decay_ptr")))
     return entries

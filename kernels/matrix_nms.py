@@ -17,9 +17,9 @@ filter and ``max_num`` stay in ``solo_fast/ops/matrix_nms.py``.
      every pair of its tile over the tile's word range and stores iou for the pairs i < j of one
      group (other entries are never written nor read);
   3. compensation: program (column block) takes comp_j = max(0, max over i of iou_ij), the
-     column max, and stores f(comp_j);
-  4. decay: program (column block) takes min(1, min over i of f(iou_ij) / f(comp_i)) and scatters
-     it to the candidates' input rows.
+     column max, over row tiles of the columns' groups, and stores f(comp_j);
+  4. decay: program (column block) takes min(1, min over i of f(iou_ij) / f(comp_i)) likewise,
+     and scatters it to the candidates' input rows.
 
 The arithmetic is that of ``csrc/matrix_nms.h`` operation for operation: iou in the areas'
 dtype from an exact integer intersection, f evaluated per value and divided (not
@@ -55,8 +55,10 @@ RANGE_WORDS = 256
 # (TILE * TILE * TILE_WORDS = 4096 pair-words in flight, 32 per thread at 4 warps).
 TILE = 16
 TILE_WORDS = 16
-# Compensation and decay: columns per program; each walks the rows of its columns' groups.
-COLUMNS = 128
+# Compensation and decay: a program owns COLUMNS columns and walks the rows of their groups
+# ROWS at a time (n = 500: 16 programs of at most 16 steps).
+COLUMNS = 32
+ROWS = 32
 
 
 @triton.jit
@@ -202,21 +204,31 @@ def _matrix_nms_compensation_kernel(
     f_comp_ptr,  # (N,) iou's dtype output per position: f(comp)
     num,  # N
     KERNEL: tl.constexpr,  # 0 gaussian, 1 linear
-    BLOCK: tl.constexpr,
+    BLOCK_I: tl.constexpr,  # rows per step
+    BLOCK_J: tl.constexpr,  # columns per program
     USE_LIBDEVICE: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions j
+    cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)  # (BLOCK_J,) positions j
     col_in = cols < num
     starts = tl.load(group_start_ptr + cols, mask=col_in, other=num)
-    neg_sigma = tl.load(neg_sigma_ptr)
+    lanes = tl.arange(0, BLOCK_I)
     row_stride = num.to(tl.int64)  # 64-bit row offsets past N = 46341
-    comp = tl.zeros([BLOCK], iou_ptr.dtype.element_ty)
-    # Rows from the first column's group start to the last column: a contiguous row each step.
-    for i in range(tl.min(starts, axis=0), tl.max(tl.where(col_in, cols, 0), axis=0)):
-        valid = col_in & (i >= starts) & (i < cols)
-        x = tl.load(iou_ptr + i * row_stride + cols, mask=valid, other=0)
-        comp = tl.where(valid & ((x > comp) | (x != x)), x, comp)  # torch.max: NaN wins
-    tl.store(f_comp_ptr + cols, _kernel_value(comp, neg_sigma, KERNEL, USE_LIBDEVICE),
+    comp = tl.zeros([BLOCK_J], iou_ptr.dtype.element_ty)
+    # torch.max lets a NaN win; tl.max's NaN handling differs between GPU and interpreter, so
+    # NaNs are counted apart and the maximum taken over the other values.
+    nan_seen = tl.zeros([BLOCK_J], tl.int32)
+    # Rows from the first column's group start up to the last column, BLOCK_I at a time.
+    for row_begin in range(tl.min(starts, axis=0), tl.max(tl.where(col_in, cols, 0), axis=0),
+                           BLOCK_I):
+        rows = row_begin + lanes  # (BLOCK_I,)
+        valid = (col_in[None, :] & (rows[:, None] >= starts[None, :])
+                 & (rows[:, None] < cols[None, :]))  # (BLOCK_I, BLOCK_J)
+        x = tl.load(iou_ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+                    mask=valid, other=0)
+        nan_seen = tl.maximum(nan_seen, tl.max(tl.where(valid & (x != x), 1, 0), axis=0))
+        comp = tl.maximum(comp, tl.max(tl.where(valid & (x == x), x, 0), axis=0))
+    comp = tl.where(nan_seen > 0, float("nan"), comp)
+    tl.store(f_comp_ptr + cols, _kernel_value(comp, tl.load(neg_sigma_ptr), KERNEL, USE_LIBDEVICE),
              mask=col_in)
 
 
@@ -230,25 +242,34 @@ def _matrix_nms_decay_kernel(
     decay_ptr,  # (N,) iou's dtype output, per input row
     num,  # N
     KERNEL: tl.constexpr,  # 0 gaussian, 1 linear
-    BLOCK: tl.constexpr,
+    BLOCK_I: tl.constexpr,  # rows per step
+    BLOCK_J: tl.constexpr,  # columns per program
     USE_LIBDEVICE: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) positions j
+    cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)  # (BLOCK_J,) positions j
     col_in = cols < num
     starts = tl.load(group_start_ptr + cols, mask=col_in, other=num)
+    lanes = tl.arange(0, BLOCK_I)
+    row_stride = num.to(tl.int64)
     neg_sigma = tl.load(neg_sigma_ptr)
-    row_stride = num.to(tl.int64)  # 64-bit row offsets past N = 46341
-    decay = tl.full([BLOCK], 1.0, iou_ptr.dtype.element_ty)
-    for i in range(tl.min(starts, axis=0), tl.max(tl.where(col_in, cols, 0), axis=0)):
-        valid = col_in & (i >= starts) & (i < cols)
-        x = tl.load(iou_ptr + i * row_stride + cols, mask=valid, other=0)
-        # Broadcast before comparing: the interpreter cannot AND a scalar int1 into a block.
-        f_comp = tl.broadcast_to(tl.load(f_comp_ptr + i), [BLOCK])
+    decay = tl.full([BLOCK_J], 1.0, iou_ptr.dtype.element_ty)
+    nan_seen = tl.zeros([BLOCK_J], tl.int32)  # torch.min lets a NaN win, as in the compensation
+    for row_begin in range(tl.min(starts, axis=0), tl.max(tl.where(col_in, cols, 0), axis=0),
+                           BLOCK_I):
+        rows = row_begin + lanes  # (BLOCK_I,)
+        valid = (col_in[None, :] & (rows[:, None] >= starts[None, :])
+                 & (rows[:, None] < cols[None, :]))  # (BLOCK_I, BLOCK_J)
+        x = tl.load(iou_ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+                    mask=valid, other=0)
+        f_comp = tl.load(f_comp_ptr + rows, mask=rows < num, other=1)[:, None]  # (BLOCK_I, 1)
         f_iou = _kernel_value(x, neg_sigma, KERNEL, USE_LIBDEVICE)
         ratio = _divide(f_iou, f_comp)
         if KERNEL == 1:
             ratio = tl.where((f_iou == 0) & (f_comp == 0), 0.0, ratio)  # the reference's 0/0 -> 0
-        decay = tl.where(valid & ((ratio < decay) | (ratio != ratio)), ratio, decay)
+        nan_seen = tl.maximum(nan_seen,
+                              tl.max(tl.where(valid & (ratio != ratio), 1, 0), axis=0))
+        decay = tl.minimum(decay, tl.min(tl.where(valid & (ratio == ratio), ratio, 1.0), axis=0))
+    decay = tl.where(nan_seen > 0, float("nan"), decay)
     rows = tl.load(order_ptr + cols, mask=col_in, other=0)
     tl.store(decay_ptr + rows, decay, mask=col_in)
 
@@ -327,7 +348,10 @@ def _check_decay_inputs(packed: Tensor, labels: Tensor, areas: Tensor, segments:
         if tensor.device != packed.device:
             raise ValueError(f"{op}: {name} is on {tensor.device} but packed is on "
                              f"{packed.device}; move both to the same device")
-    # One device-to-host copy: offsets that do not partition [0, N) are a caller's bug.
+    if segments.is_cuda:
+        # Their values are data: reading them would synchronise. Offsets that do not partition
+        # [0, N) give a wrong grouping but no access out of bounds (searchsorted stays in range).
+        return
     ok = (segments[0] == 0) & (segments[-1] == num)
     if segments.shape[0] > 1:
         ok &= (segments[1:] >= segments[:-1]).all()
@@ -377,8 +401,9 @@ def matrix_nms_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Te
         linear kernel's 0/0 -> 0 and NaN propagating as in ``matrix_nms_reference``.
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device, kernel or segment offset breaks the
-            contract above.
+        TypeError, ValueError: a dtype, shape, device or kernel breaks the contract above, or
+            (CPU tensors only, where reading them costs no synchronisation) the segment offsets
+            do not run from 0 to N without decreasing.
     """
     _check_decay_inputs(packed, labels, areas, segments, kernel)
     num, num_words = packed.shape
@@ -405,9 +430,9 @@ def matrix_nms_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Te
             packed, order, group_start, first, end, area, iou, num, num_words, TILE_I=TILE,
             TILE_J=TILE, BLOCK_WORDS=TILE_WORDS, USE_LIBDEVICE=use_libdevice, num_warps=4)
         _matrix_nms_compensation_kernel[(columns,)](
-            iou, group_start, neg_sigma, f_comp, num, KERNEL=kernel, BLOCK=COLUMNS,
-            USE_LIBDEVICE=use_libdevice, num_warps=4)
+            iou, group_start, neg_sigma, f_comp, num, KERNEL=kernel, BLOCK_I=ROWS,
+            BLOCK_J=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4)
         _matrix_nms_decay_kernel[(columns,)](
             iou, group_start, f_comp, order, neg_sigma, decay, num, KERNEL=kernel,
-            BLOCK=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4)
+            BLOCK_I=ROWS, BLOCK_J=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4)
     return decay
