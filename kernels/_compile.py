@@ -130,19 +130,19 @@ def _decoupled_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
 
 def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
     entries = [
+        # A mask map of 200 x 272 pixels is 850 words: the word counts are not multiples of 16.
         CompileEntry(
             kernel="_matrix_nms_pack_kernel", variant="u8 masks",
             signature={"mask_ptr": "*u8", "packed_ptr": "*i64", "num_pixels": "i32",
-                       "num_words": "i32"},
+                       "num_words": "i32", "total_words": "i32"},
             constexprs={"BLOCK_WORDS": module.PACK_WORDS},
-            aligned=("mask_ptr", "packed_ptr", "num_pixels", "num_words")),
-        # A mask map of 200 x 272 pixels is 850 words: not a multiple of 16.
+            aligned=("mask_ptr", "packed_ptr", "num_pixels")),
         CompileEntry(
             kernel="_matrix_nms_word_range_kernel", variant="int64 words",
             signature={"packed_ptr": "*i64", "order_ptr": "*i64", "first_ptr": "*i32",
-                       "end_ptr": "*i32", "num_words": "i32"},
-            constexprs={"BLOCK": module.RANGE_WORDS},
-            aligned=("packed_ptr", "order_ptr", "first_ptr", "end_ptr"), num_warps=2),
+                       "end_ptr": "*i32", "num": "i32", "num_words": "i32"},
+            constexprs={"BLOCK_ROWS": module.RANGE_ROWS, "BLOCK_WORDS": module.RANGE_WORDS},
+            aligned=("packed_ptr", "order_ptr", "first_ptr", "end_ptr")),
     ]
     # The decay runs in the areas' dtype; the kernel (gaussian 0, linear 1) is a constexpr.
     for dtype in ("fp32", "fp64"):
@@ -150,11 +150,13 @@ def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
             kernel="_matrix_nms_iou_kernel", variant=f"{dtype} areas",
             signature={"packed_ptr": "*i64", "order_ptr": "*i64", "group_start_ptr": "*i32",
                        "first_ptr": "*i32", "end_ptr": "*i32", "area_ptr": f"*{dtype}",
-                       "iou_ptr": f"*{dtype}", "num": "i32", "num_words": "i32"},
-            constexprs={"TILE_I": module.TILE, "TILE_J": module.TILE,
-                        "BLOCK_WORDS": module.TILE_WORDS, "USE_LIBDEVICE": True},
+                       "iou_ptr": f"*{dtype}", "tile_ptr": "*i64", "num_tiles": "i32",
+                       "num": "i32", "num_words": "i32"},
+            constexprs={"TILE": module.TILE, "BLOCK_WORDS": module.TILE_WORDS,
+                        "USE_LIBDEVICE": True},
             aligned=("packed_ptr", "order_ptr", "group_start_ptr", "first_ptr", "end_ptr",
-                     "area_ptr", "iou_ptr")))
+                     "area_ptr", "iou_ptr", "tile_ptr"),
+            num_warps=module.TILE_WARPS))
         for kernel, name in ((module.GAUSSIAN, "gaussian"), (module.LINEAR, "linear")):
             entries.append(CompileEntry(
                 kernel="_matrix_nms_compensation_kernel", variant=f"{dtype} {name}",

@@ -13,9 +13,9 @@ filter and ``max_num`` stay in ``solo_fast/ops/matrix_nms.py``.
 
   1. word ranges: the first and one-past-last nonzero word of every mask, so that a tile of pairs
      ANDs only the words where its masks can overlap;
-  2. IoU: program (row tile, column tile) of the position x position matrix popcounts the AND of
-     every pair of its tile over the tile's word range and stores iou for the pairs i < j of one
-     group (other entries are never written nor read);
+  2. IoU: program (row tile, column tile) of the upper triangle of the position x position
+     matrix popcounts the AND of every pair of its tile over the tile's word range and stores
+     iou for the pairs i < j of one group (other entries are never written nor read);
   3. compensation: program (column block) takes comp_j = max(0, max over i of iou_ij), the
      column max, over row tiles of the columns' groups, and stores f(comp_j);
   4. decay: program (column block) takes min(1, min over i of f(iou_ij) / f(comp_i)) likewise,
@@ -47,14 +47,18 @@ __all__ = ["GAUSSIAN", "LINEAR", "matrix_nms_decay", "matrix_nms_pack"]
 GAUSSIAN = 0
 LINEAR = 1
 
-# Pack: words per program (2048 pixels, 16 bytes per thread at 4 warps).
-PACK_WORDS = 32
-# Word ranges: words per loop step of one mask.
-RANGE_WORDS = 256
+# Pack: words per program of the flattened (N, WD) output (4096 pixels, 32 bytes per thread at
+# 4 warps); masks of 200 x 272 pixels (850 words) take 14 programs each.
+PACK_WORDS = 64
+# Word ranges: masks per program, words per step.
+RANGE_ROWS = 16
+RANGE_WORDS = 64
 # IoU: a program owns TILE x TILE pairs and ANDs TILE_WORDS words of each per step
-# (TILE * TILE * TILE_WORDS = 4096 pair-words in flight, 32 per thread at 4 warps).
-TILE = 16
-TILE_WORDS = 16
+# (TILE * TILE * TILE_WORDS = 8192 pair-words in flight, 32 per thread at 8 warps); each word
+# loaded serves TILE pairs.
+TILE = 32
+TILE_WORDS = 8
+TILE_WARPS = 8
 # Compensation and decay: a program owns COLUMNS columns and walks the rows of their groups
 # ROWS at a time (n = 500: 16 programs of at most 16 steps).
 COLUMNS = 32
@@ -101,21 +105,24 @@ def _kernel_value(x, neg_sigma, KERNEL: tl.constexpr, USE_LIBDEVICE: tl.constexp
 @triton.jit
 def _matrix_nms_pack_kernel(
     mask_ptr,  # (N, P) contiguous uint8 (bool storage read as bytes); nonzero = in the mask
-    packed_ptr,  # (N, WD) contiguous int64 output
+    packed_ptr,  # (N, WD) contiguous int64 output, BLOCK_WORDS of its N * WD words per program
     num_pixels,  # P
     num_words,  # WD
+    total_words,  # N * WD
     BLOCK_WORDS: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    words = tl.program_id(1) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)  # (BLOCK_WORDS,)
+    # Words of the flattened (N, WD) output: small masks still fill a program.
+    index = tl.program_id(0).to(tl.int64) * BLOCK_WORDS + tl.arange(0, BLOCK_WORDS)
+    row = index // num_words
+    word = (index - row * num_words).to(tl.int32)
     bits = tl.arange(0, 64)
-    pixels = words[:, None] * 64 + bits[None, :]  # (BLOCK_WORDS, 64)
-    values = tl.load(mask_ptr + row.to(tl.int64) * num_pixels + pixels, mask=pixels < num_pixels,
-                     other=0)
+    pixels = word[:, None] * 64 + bits[None, :]  # (BLOCK_WORDS, 64) within the row
+    inside = (index[:, None] < total_words) & (pixels < num_pixels)
+    values = tl.load(mask_ptr + row[:, None] * num_pixels + pixels, mask=inside, other=0)
     one = tl.full([BLOCK_WORDS, 64], 1, tl.int64)
     # Distinct powers of two: their sum is their OR, without carries (bit 63 included).
     packed = tl.sum(tl.where(values != 0, one << bits[None, :].to(tl.int64), 0), axis=1)
-    tl.store(packed_ptr + row.to(tl.int64) * num_words + words, packed, mask=words < num_words)
+    tl.store(packed_ptr + index, packed, mask=index < total_words)
 
 
 @triton.jit
@@ -124,21 +131,25 @@ def _matrix_nms_word_range_kernel(
     order_ptr,  # (N,) int64: input row of each position
     first_ptr,  # (N,) int32 output per position: first nonzero word (WD for an empty mask)
     end_ptr,  # (N,) int32 output per position: last nonzero word + 1 (0 for an empty mask)
+    num,  # N
     num_words,  # WD
-    BLOCK: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # positions per program
+    BLOCK_WORDS: tl.constexpr,  # words per step
 ):
-    position = tl.program_id(0)
-    row_ptr = packed_ptr + tl.load(order_ptr + position) * num_words
-    lanes = tl.arange(0, BLOCK)
-    first = tl.full([BLOCK], num_words, tl.int32)
-    end = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, num_words, BLOCK):
-        words = start + lanes
-        nonzero = tl.load(row_ptr + words, mask=words < num_words, other=0) != 0
-        first = tl.minimum(first, tl.where(nonzero, words, num_words))
-        end = tl.maximum(end, tl.where(nonzero, words + 1, 0))
-    tl.store(first_ptr + position, tl.min(first, axis=0))
-    tl.store(end_ptr + position, tl.max(end, axis=0))
+    positions = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,)
+    position_in = positions < num
+    row_ptr = packed_ptr + tl.load(order_ptr + positions, mask=position_in, other=0) * num_words
+    lanes = tl.arange(0, BLOCK_WORDS)
+    first = tl.full([BLOCK_ROWS, BLOCK_WORDS], num_words, tl.int32)
+    end = tl.zeros([BLOCK_ROWS, BLOCK_WORDS], tl.int32)
+    for start in range(0, num_words, BLOCK_WORDS):
+        words = start + lanes  # (BLOCK_WORDS,)
+        nonzero = tl.load(row_ptr[:, None] + words[None, :],
+                          mask=position_in[:, None] & (words < num_words)[None, :], other=0) != 0
+        first = tl.minimum(first, tl.where(nonzero, words[None, :], num_words))
+        end = tl.maximum(end, tl.where(nonzero, words[None, :] + 1, 0))
+    tl.store(first_ptr + positions, tl.min(first, axis=1), mask=position_in)
+    tl.store(end_ptr + positions, tl.max(end, axis=1), mask=position_in)
 
 
 @triton.jit
@@ -150,22 +161,24 @@ def _matrix_nms_iou_kernel(
     end_ptr,  # (N,) int32: last nonzero word + 1 per position
     area_ptr,  # (N,) float32 or float64 per position: the compute dtype
     iou_ptr,  # (N, N) contiguous, area's dtype: iou[i, j] written for i < j of one group only
+    tile_ptr,  # (2, T) int64: row and column tile of each program, the upper triangle's tiles
+    num_tiles,  # T: the stride of tile's first axis
     num,  # N
     num_words,  # WD
-    TILE_I: tl.constexpr,
-    TILE_J: tl.constexpr,
+    TILE: tl.constexpr,
     BLOCK_WORDS: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
 ):
-    rows = tl.program_id(0) * TILE_I + tl.arange(0, TILE_I)  # (TILE_I,) positions i
-    cols = tl.program_id(1) * TILE_J + tl.arange(0, TILE_J)  # (TILE_J,) positions j
+    program = tl.program_id(0)
+    rows = tl.load(tile_ptr + program) * TILE + tl.arange(0, TILE)  # (TILE,) positions i
+    cols = tl.load(tile_ptr + num_tiles + program) * TILE + tl.arange(0, TILE)  # positions j
     row_in = rows < num
     col_in = cols < num
     row_group = tl.load(group_start_ptr + rows, mask=row_in, other=-1)
     col_group = tl.load(group_start_ptr + cols, mask=col_in, other=-2)
     pair = (row_group[:, None] == col_group[None, :]) & (rows[:, None] < cols[None, :])
-    row_used = tl.max(pair.to(tl.int32), axis=1) > 0  # (TILE_I,)
-    col_used = tl.max(pair.to(tl.int32), axis=0) > 0  # (TILE_J,)
+    row_used = tl.max(pair.to(tl.int32), axis=1) > 0  # (TILE,)
+    col_used = tl.max(pair.to(tl.int32), axis=0) > 0  # (TILE,)
     # Words outside [lo, hi) are zero in every row or in every column of a pair: their ANDs are
     # zero. A tile without pairs (below the diagonal, or across groups) gets an empty range.
     row_first = tl.load(first_ptr + rows, mask=row_used, other=num_words)
@@ -178,15 +191,15 @@ def _matrix_nms_iou_kernel(
     row_ptr = packed_ptr + tl.load(order_ptr + rows, mask=row_used, other=0) * num_words
     col_ptr = packed_ptr + tl.load(order_ptr + cols, mask=col_used, other=0) * num_words
     lanes = tl.arange(0, BLOCK_WORDS)
-    inter = tl.zeros([TILE_I, TILE_J], tl.int32)
+    inter = tl.zeros([TILE, TILE], tl.int32)
     for start in range(lo, hi, BLOCK_WORDS):
         words = start + lanes
         in_range = words < hi
         a = tl.load(row_ptr[:, None] + words[None, :], mask=row_used[:, None] & in_range[None, :],
-                    other=0)  # (TILE_I, BLOCK_WORDS)
+                    other=0)  # (TILE, BLOCK_WORDS)
         b = tl.load(col_ptr[:, None] + words[None, :], mask=col_used[:, None] & in_range[None, :],
-                    other=0)  # (TILE_J, BLOCK_WORDS)
-        both = a[:, None, :] & b[None, :, :]  # (TILE_I, TILE_J, BLOCK_WORDS)
+                    other=0)  # (TILE, BLOCK_WORDS)
+        both = a[:, None, :] & b[None, :, :]  # (TILE, TILE, BLOCK_WORDS)
         inter += tl.sum(_popcount(both, USE_LIBDEVICE), axis=2)
 
     area_i = tl.load(area_ptr + rows, mask=row_in, other=1)
@@ -318,8 +331,9 @@ def matrix_nms_pack(masks: Tensor) -> Tensor:
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)  # bool storage is one byte, 0 or 1
     with _device_guard(masks):
-        _matrix_nms_pack_kernel[(num, triton.cdiv(num_words, PACK_WORDS))](
-            flat, packed, num_pixels, num_words, BLOCK_WORDS=PACK_WORDS, num_warps=4)
+        _matrix_nms_pack_kernel[(triton.cdiv(num * num_words, PACK_WORDS),)](
+            flat, packed, num_pixels, num_words, num * num_words, BLOCK_WORDS=PACK_WORDS,
+            num_warps=4)
     return packed
 
 
@@ -421,14 +435,18 @@ def matrix_nms_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Te
     iou = torch.empty((num, num), dtype=areas.dtype, device=packed.device)  # (N, N)
     f_comp = torch.empty(num, dtype=areas.dtype, device=packed.device)  # (N,)
     use_libdevice = _use_libdevice(packed)
-    tiles = triton.cdiv(num, TILE)
+    num_tiles = triton.cdiv(num, TILE)
+    # The tiles on and above the diagonal: tiles below it hold no pair i < j.
+    tile = torch.triu_indices(num_tiles, num_tiles, device=packed.device)  # (2, T)
     columns = triton.cdiv(num, COLUMNS)
     with _device_guard(packed):
-        _matrix_nms_word_range_kernel[(num,)](
-            packed, order, first, end, num_words, BLOCK=RANGE_WORDS, num_warps=2)
-        _matrix_nms_iou_kernel[(tiles, tiles)](
-            packed, order, group_start, first, end, area, iou, num, num_words, TILE_I=TILE,
-            TILE_J=TILE, BLOCK_WORDS=TILE_WORDS, USE_LIBDEVICE=use_libdevice, num_warps=4)
+        _matrix_nms_word_range_kernel[(triton.cdiv(num, RANGE_ROWS),)](
+            packed, order, first, end, num, num_words, BLOCK_ROWS=RANGE_ROWS,
+            BLOCK_WORDS=RANGE_WORDS, num_warps=4)
+        _matrix_nms_iou_kernel[(tile.shape[1],)](
+            packed, order, group_start, first, end, area, iou, tile, tile.shape[1], num,
+            num_words, TILE=TILE, BLOCK_WORDS=TILE_WORDS, USE_LIBDEVICE=use_libdevice,
+            num_warps=TILE_WARPS)
         _matrix_nms_compensation_kernel[(columns,)](
             iou, group_start, neg_sigma, f_comp, num, KERNEL=kernel, BLOCK_I=ROWS,
             BLOCK_J=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4)
