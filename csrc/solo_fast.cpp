@@ -36,6 +36,10 @@ TORCH_LIBRARY(solo_fast, m) {
   // within one segment interact); kernel 0 = gaussian, 1 = linear. Returns decay (n,) in areas'
   // dtype: decay_j = min(1, min over same-segment, same-label i < j of f(iou_ij) / f(comp_i)),
   // the arithmetic of csrc/matrix_nms.h.
+  // matrix_nms_popcount: packed (n, words) int64 -> (n,) int64 set bits per row, the pixel count
+  // of each mask. CPU only: on other devices the count is a few PyTorch elementwise ops, which on
+  // the CPU cost more than the whole decay.
+  m.def("matrix_nms_popcount(Tensor packed) -> Tensor");
   m.def(
       "matrix_nms_decay(Tensor packed, Tensor labels, Tensor areas, Tensor segments, int kernel, "
       "float sigma) -> Tensor");
