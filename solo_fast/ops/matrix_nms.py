@@ -136,7 +136,8 @@ def batched_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, image_ids:
         image 1, ..., each image's sorted by decayed score (descending) exactly as
         :func:`matrix_nms` returns them; keep_inds (n,) int64 index the flat inputs; counts (B,)
         int64 is the number kept per image (``torch.split(keep_inds, counts.tolist())`` gives
-        per-image results).
+        per-image results). Scores have one dtype for the whole batch, that of the decayed
+        scores (where :func:`matrix_nms` returns an image without candidates in scores' dtype).
 
     Raises:
         TypeError, ValueError: as :func:`matrix_nms`, and image_ids of the wrong dtype or length,
