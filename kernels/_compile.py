@@ -47,6 +47,7 @@ class CompileEntry:
             from PyTorch allocations, sizes that are multiples of 16); these decide vectorisation
             and so register use.
         num_warps: as the host launcher passes it.
+        options: other compile options the host launcher passes (e.g. ``enable_reflect_ftz``).
     """
 
     kernel: str
@@ -55,6 +56,7 @@ class CompileEntry:
     constexprs: dict[str, object]
     aligned: tuple[str, ...] = ()
     num_warps: int = 4
+    options: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
 def _dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
@@ -165,7 +167,8 @@ def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
                            "num": "i32"},
                 constexprs={"KERNEL": kernel, "BLOCK_I": module.ROWS, "BLOCK_J": module.COLUMNS,
                             "USE_LIBDEVICE": True},
-                aligned=("iou_ptr", "group_start_ptr", "neg_sigma_ptr", "f_comp_ptr")))
+                aligned=("iou_ptr", "group_start_ptr", "neg_sigma_ptr", "f_comp_ptr"),
+                options=module.EXP_OPTIONS))
             entries.append(CompileEntry(
                 kernel="_matrix_nms_decay_kernel", variant=f"{dtype} {name}",
                 signature={"iou_ptr": f"*{dtype}", "group_start_ptr": "*i32",
@@ -174,7 +177,8 @@ def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
                 constexprs={"KERNEL": kernel, "BLOCK_I": module.ROWS, "BLOCK_J": module.COLUMNS,
                             "USE_LIBDEVICE": True},
                 aligned=("iou_ptr", "group_start_ptr", "f_comp_ptr", "order_ptr",
-                         "neg_sigma_ptr", "decay_ptr")))
+                         "neg_sigma_ptr", "decay_ptr"),
+                options=module.EXP_OPTIONS))
     return entries
 
 
@@ -278,7 +282,8 @@ def compile_report(arches=DEFAULT_ARCHES) -> list[dict]:
                                attrs=attrs)
             for arch in arches:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": entry.num_warps})
+                                          options={"num_warps": entry.num_warps,
+                                                   **entry.options})
                 usage = _ptxas_usage(compiled.asm["ptx"], arch)
                 rows.append({
                     "op": op, "kernel": entry.kernel, "arch": arch, "variant": entry.variant,

@@ -25,8 +25,9 @@ The arithmetic is that of ``csrc/matrix_nms.h`` operation for operation: iou in 
 dtype from an exact integer intersection, f evaluated per value and divided (not
 exp(-sigma (d^2 - c^2))), the linear kernel's 0/0 -> 0, and NaN propagating through min and max as
 in torch. On a GPU, popcount and exp are libdevice's (``__nv_popcll``, and ``__nv_expf`` /
-``__nv_exp``, the functions CUDA's ``expf`` / ``exp`` are, so the Triton and CUDA kernels agree
-bit for bit); the interpreter has no libdevice, and takes a SWAR popcount and numpy's exp.
+``__nv_exp`` without flush-to-zero: the code nvcc emits for CUDA's ``expf`` / ``exp``, so the
+Triton and CUDA kernels agree bit for bit); the interpreter has no libdevice, and takes a SWAR
+popcount and numpy's exp (within an ulp of torch's).
 """
 
 # N=candidates of all segments, B=segments (images), H, W=mask size, P=H*W pixels,
@@ -63,6 +64,10 @@ TILE_WARPS = 8
 # ROWS at a time (n = 500: 16 programs of at most 16 steps).
 COLUMNS = 32
 ROWS = 32
+# Compile options of the kernels that evaluate f: Triton links libdevice with flush-to-zero by
+# default, which would make exp(-sigma x^2) 0 where CUDA's expf (nvcc without -ftz, as the CUDA
+# kernel is built) and torch return a subnormal (sigma x^2 between 87.3 and 103.9).
+EXP_OPTIONS = {"enable_reflect_ftz": False}
 
 
 @triton.jit
@@ -449,8 +454,9 @@ def matrix_nms_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Te
             num_warps=TILE_WARPS)
         _matrix_nms_compensation_kernel[(columns,)](
             iou, group_start, neg_sigma, f_comp, num, KERNEL=kernel, BLOCK_I=ROWS,
-            BLOCK_J=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4)
+            BLOCK_J=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4, **EXP_OPTIONS)
         _matrix_nms_decay_kernel[(columns,)](
             iou, group_start, f_comp, order, neg_sigma, decay, num, KERNEL=kernel,
-            BLOCK_I=ROWS, BLOCK_J=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4)
+            BLOCK_I=ROWS, BLOCK_J=COLUMNS, USE_LIBDEVICE=use_libdevice, num_warps=4,
+            **EXP_OPTIONS)
     return decay
