@@ -67,4 +67,42 @@ inline void check_decoupled_inputs(const at::Tensor& x, const at::Tensor& y,
               x.device());
 }
 
+// matrix_nms_pack: masks (n, H, W) bool or uint8.
+inline void check_matrix_nms_pack_inputs(const at::Tensor& masks, const char* op) {
+  TORCH_CHECK(masks.dim() == 3, op, ": masks must be 3-D (n, H, W), got shape ", masks.sizes());
+  TORCH_CHECK(masks.scalar_type() == at::kBool || masks.scalar_type() == at::kByte, op,
+              ": masks must be bool or uint8 (nonzero = inside the mask), got ",
+              masks.scalar_type());
+}
+
+// matrix_nms_decay: packed (n, words) int64; labels (n,) int64; areas (n,) float32 or float64;
+// segments (B + 1,) int64; all on packed's device; kernel 0 (gaussian) or 1 (linear). The values
+// of segments (0 first, n last, non-decreasing) are data: the kernels check them where reading
+// them is free (on the CPU).
+inline void check_matrix_nms_decay_inputs(const at::Tensor& packed, const at::Tensor& labels,
+                                          const at::Tensor& areas, const at::Tensor& segments,
+                                          int64_t kernel, const char* op) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kLong, op,
+              ": packed must be the int64 (n, words) tensor of matrix_nms_pack, got ",
+              packed.scalar_type(), " ", packed.sizes());
+  const int64_t n = packed.size(0);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong, op,
+              ": labels must be int64 of shape (", n, ",), one per packed row, got ",
+              labels.scalar_type(), " ", labels.sizes());
+  TORCH_CHECK(areas.dim() == 1 && areas.size(0) == n &&
+                  (areas.scalar_type() == at::kFloat || areas.scalar_type() == at::kDouble),
+              op, ": areas must be float32 or float64 of shape (", n, ",), got ",
+              areas.scalar_type(), " ", areas.sizes());
+  TORCH_CHECK(segments.dim() == 1 && segments.size(0) >= 1 &&
+                  segments.scalar_type() == at::kLong,
+              op, ": segments must be int64 offsets of shape (B + 1,) with B >= 0, got ",
+              segments.scalar_type(), " ", segments.sizes());
+  TORCH_CHECK(kernel == 0 || kernel == 1, op, ": kernel must be 0 (gaussian) or 1 (linear), got ",
+              kernel);
+  TORCH_CHECK(labels.device() == packed.device() && areas.device() == packed.device() &&
+                  segments.device() == packed.device(),
+              op, ": labels (", labels.device(), "), areas (", areas.device(), ") and segments (",
+              segments.device(), ") must be on packed's device ", packed.device());
+}
+
 }  // namespace solo_fast

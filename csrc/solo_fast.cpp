@@ -25,6 +25,24 @@ TORCH_LIBRARY(solo_fast, m) {
       "decoupled_dice_loss_backward(Tensor grad_loss, Tensor x_logits, Tensor y_logits, "
       "Tensor pos_image, Tensor pos_row, Tensor pos_col, Tensor target, Tensor sums, float eps) "
       "-> (Tensor, Tensor)");
+  // Matrix NMS (SOLOv2), split so that the sorts, cuts and filter stay in Python (they define
+  // the stable tie order). matrix_nms_pack: masks (n, H, W) bool or uint8 (nonzero = inside) ->
+  // (n, words) int64, words = ceil(H*W / 64); bit b of word w is pixel 64 w + b of the row-major
+  // flattened mask; the tail bits are zero.
+  m.def("matrix_nms_pack(Tensor masks) -> Tensor");
+  // matrix_nms_decay: packed (n, words) int64 of masks sorted by descending score within each
+  // segment; labels (n,) int64; areas (n,) float32 or float64, used as given; segments (B + 1,)
+  // int64 offsets, rows segments[b] .. segments[b + 1] - 1 being image b's candidates (only pairs
+  // within one segment interact); kernel 0 = gaussian, 1 = linear. Returns decay (n,) in areas'
+  // dtype: decay_j = min(1, min over same-segment, same-label i < j of f(iou_ij) / f(comp_i)),
+  // the arithmetic of csrc/matrix_nms.h.
+  // matrix_nms_popcount: packed (n, words) int64 -> (n,) int64 set bits per row, the pixel count
+  // of each mask. CPU only: on other devices the count is a few PyTorch elementwise ops, which on
+  // the CPU cost more than the whole decay.
+  m.def("matrix_nms_popcount(Tensor packed) -> Tensor");
+  m.def(
+      "matrix_nms_decay(Tensor packed, Tensor labels, Tensor areas, Tensor segments, int kernel, "
+      "float sigma) -> Tensor");
 }
 
 namespace {

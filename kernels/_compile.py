@@ -47,6 +47,7 @@ class CompileEntry:
             from PyTorch allocations, sizes that are multiples of 16); these decide vectorisation
             and so register use.
         num_warps: as the host launcher passes it.
+        options: other compile options the host launcher passes (e.g. ``enable_reflect_ftz``).
     """
 
     kernel: str
@@ -55,6 +56,7 @@ class CompileEntry:
     constexprs: dict[str, object]
     aligned: tuple[str, ...] = ()
     num_warps: int = 4
+    options: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
 def _dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
@@ -128,11 +130,64 @@ def _decoupled_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
     return entries
 
 
+def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
+    entries = [
+        # A mask map of 200 x 272 pixels is 850 words: the word counts are not multiples of 16.
+        CompileEntry(
+            kernel="_matrix_nms_pack_kernel", variant="u8 masks",
+            signature={"mask_ptr": "*u8", "packed_ptr": "*i64", "num_pixels": "i32",
+                       "num_words": "i32", "total_words": "i32"},
+            constexprs={"BLOCK_WORDS": module.PACK_WORDS},
+            aligned=("mask_ptr", "packed_ptr", "num_pixels")),
+        CompileEntry(
+            kernel="_matrix_nms_word_range_kernel", variant="int64 words",
+            signature={"packed_ptr": "*i64", "order_ptr": "*i64", "first_ptr": "*i32",
+                       "end_ptr": "*i32", "num": "i32", "num_words": "i32"},
+            constexprs={"BLOCK_ROWS": module.RANGE_ROWS, "BLOCK_WORDS": module.RANGE_WORDS},
+            aligned=("packed_ptr", "order_ptr", "first_ptr", "end_ptr")),
+    ]
+    # The decay runs in the areas' dtype; the kernel (gaussian 0, linear 1) is a constexpr.
+    for dtype in ("fp32", "fp64"):
+        entries.append(CompileEntry(
+            kernel="_matrix_nms_iou_kernel", variant=f"{dtype} areas",
+            signature={"packed_ptr": "*i64", "order_ptr": "*i64", "group_start_ptr": "*i32",
+                       "first_ptr": "*i32", "end_ptr": "*i32", "area_ptr": f"*{dtype}",
+                       "iou_ptr": f"*{dtype}", "tile_ptr": "*i64", "num_tiles": "i32",
+                       "num": "i32", "num_words": "i32"},
+            constexprs={"TILE": module.TILE, "BLOCK_WORDS": module.TILE_WORDS,
+                        "USE_LIBDEVICE": True},
+            aligned=("packed_ptr", "order_ptr", "group_start_ptr", "first_ptr", "end_ptr",
+                     "area_ptr", "iou_ptr", "tile_ptr"),
+            num_warps=module.TILE_WARPS))
+        for kernel, name in ((module.GAUSSIAN, "gaussian"), (module.LINEAR, "linear")):
+            entries.append(CompileEntry(
+                kernel="_matrix_nms_compensation_kernel", variant=f"{dtype} {name}",
+                signature={"iou_ptr": f"*{dtype}", "group_start_ptr": "*i32",
+                           "neg_sigma_ptr": f"*{dtype}", "f_comp_ptr": f"*{dtype}",
+                           "num": "i32"},
+                constexprs={"KERNEL": kernel, "BLOCK_I": module.ROWS, "BLOCK_J": module.COLUMNS,
+                            "USE_LIBDEVICE": True},
+                aligned=("iou_ptr", "group_start_ptr", "neg_sigma_ptr", "f_comp_ptr"),
+                options=module.EXP_OPTIONS))
+            entries.append(CompileEntry(
+                kernel="_matrix_nms_decay_kernel", variant=f"{dtype} {name}",
+                signature={"iou_ptr": f"*{dtype}", "group_start_ptr": "*i32",
+                           "f_comp_ptr": f"*{dtype}", "order_ptr": "*i64",
+                           "neg_sigma_ptr": f"*{dtype}", "decay_ptr": f"*{dtype}", "num": "i32"},
+                constexprs={"KERNEL": kernel, "BLOCK_I": module.ROWS, "BLOCK_J": module.COLUMNS,
+                            "USE_LIBDEVICE": True},
+                aligned=("iou_ptr", "group_start_ptr", "f_comp_ptr", "order_ptr",
+                         "neg_sigma_ptr", "decay_ptr"),
+                options=module.EXP_OPTIONS))
+    return entries
+
+
 # Op module name -> a function of the imported module that lists its compile entries (reading the
 # launcher's own tile sizes, so that the report compiles what runs).
 COMPILE_TABLE = {
     "dice_loss": _dice_loss_entries,
     "decoupled_dice_loss": _decoupled_dice_loss_entries,
+    "matrix_nms": _matrix_nms_entries,
 }
 
 
@@ -227,7 +282,8 @@ def compile_report(arches=DEFAULT_ARCHES) -> list[dict]:
                                attrs=attrs)
             for arch in arches:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": entry.num_warps})
+                                          options={"num_warps": entry.num_warps,
+                                                   **entry.options})
                 usage = _ptxas_usage(compiled.asm["ptx"], arch)
                 rows.append({
                     "op": op, "kernel": entry.kernel, "arch": arch, "variant": entry.variant,

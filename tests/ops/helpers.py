@@ -104,7 +104,7 @@ def peak_memory_mb(fn, device: str) -> float:
     return peak_memory_increase(fn) / 2**20
 
 
-def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves) -> None:
+def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves, rounds: int = 10) -> None:
     """Times one op in one mode with pytest-benchmark and records its peak memory.
 
     Args:
@@ -114,6 +114,7 @@ def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves) -> None:
             setup) or ``"full"`` (forward and backward).
         loss: A function returning the op's summed loss (a 0-d tensor) on its inputs.
         leaves: The inputs that get gradients; they are cleared before every backward.
+        rounds: Timed calls (after one warm-up); fewer for references that take seconds.
     """
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -132,7 +133,7 @@ def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves) -> None:
                 loss()
             sync()
         benchmark.extra_info["peak_mb"] = peak_memory_mb(forward, device)
-        benchmark.pedantic(forward, rounds=10, warmup_rounds=1)
+        benchmark.pedantic(forward, rounds=rounds, warmup_rounds=1)
     elif mode == "backward":
         def setup():
             clear()
@@ -142,9 +143,9 @@ def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves) -> None:
             value.backward()
             sync()
         benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
-        benchmark.pedantic(backward, setup=setup, rounds=10, warmup_rounds=1)
+        benchmark.pedantic(backward, setup=setup, rounds=rounds, warmup_rounds=1)
     elif mode == "full":
         benchmark.extra_info["peak_mb"] = peak_memory_mb(full, device)
-        benchmark.pedantic(full, rounds=10, warmup_rounds=1)
+        benchmark.pedantic(full, rounds=rounds, warmup_rounds=1)
     else:
         raise ValueError(f"mode must be forward, backward or full, got {mode!r}")

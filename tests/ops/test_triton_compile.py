@@ -22,6 +22,9 @@ ARCHES = (80, 90)
 OP_KERNELS = {
     "dice_loss": {"_dice_loss_fwd_kernel", "_dice_loss_bwd_kernel"},
     "decoupled_dice_loss": {"_decoupled_dice_loss_fwd_kernel", "_decoupled_dice_loss_bwd_kernel"},
+    "matrix_nms": {"_matrix_nms_pack_kernel", "_matrix_nms_word_range_kernel",
+                   "_matrix_nms_iou_kernel", "_matrix_nms_compensation_kernel",
+                   "_matrix_nms_decay_kernel"},
 }
 
 # The installed package is solo_fast.kernels; the source tree has it as the top-level `kernels`.
