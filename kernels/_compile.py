@@ -163,7 +163,8 @@ def _dynamic_mask_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
         num_warps = config.pop("num_warps")
         signature = {**inputs, "member_ptr": "*i64", "group_start_ptr": "*i64",
                      "target_ptr": f"*{target}", "coef_ptr": f"*{acc}",
-                     "grad_feats_ptr": f"*{data}", "num_channels": "i32", "num_pixels": "i32"}
+                     "grad_feats_ptr": f"*{data}", "num_channels": "i32", "num_pixels": "i32",
+                     "num_tiles": "i32"}
         entries.append(CompileEntry(
             kernel="_dmd_bwd_feats_kernel", variant=variant, signature=signature,
             constexprs=config, aligned=tuple(n for n in signature if n.endswith("_ptr"))

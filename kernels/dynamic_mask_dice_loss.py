@@ -14,7 +14,7 @@ order; the host sorts them stably by image and cuts each image's run into blocks
 * forward: grid (positive block, chunk of pixels); E is walked in BLOCK_E chunks; the epilogue takes
   the sigmoid and writes one partial (a, b, c) per (positive, chunk), summed over chunks on the host
   in float64.
-* backward, mask features: grid (pixel tile, image). A program owns F[n, :, tile]'s gradient: it
+* backward, mask features: grid (image x pixel tile). A program owns F[n, :, tile]'s gradient: it
   loads the feature tile once, runs over ALL the image's positives (ascending k) recomputing their
   logits, and stores its tile once. No atomics, no two programs writing one element.
 * backward, kernels: grid (positive block, chunk of pixels), one partial gradient (E,) per
@@ -138,12 +138,14 @@ def _dmd_bwd_feats_kernel(
     grad_feats_ptr,  # (N, E, P) contiguous, feats' dtype: every element written once
     num_channels,  # E
     num_pixels,  # P
+    num_tiles,  # pixel tiles per image: program image * num_tiles + tile (a 1-D grid)
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
     E_PAD: tl.constexpr,  # E rounded up to a power of two (>= 16)
 ):
-    tile_index = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(0)
+    image = (program // num_tiles).to(tl.int64)
+    tile_index = program % num_tiles
     acc_dtype = coef_ptr.dtype.element_ty
     first = tl.load(group_start_ptr + image)
     last = tl.load(group_start_ptr + image + 1)
@@ -445,9 +447,9 @@ def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_fea
     num_tiles = -(-num_pixels // feats_config["BLOCK_P"])
     with _device_guard(kernels):
         if num_channels > 0:
-            _dmd_bwd_feats_kernel[(num_tiles, num_images)](
+            _dmd_bwd_feats_kernel[(num_images * num_tiles,)](
                 kernels, mask_feats, member, group_start, target, coefs, grad_feats,
-                num_channels, num_pixels, **feats_config)
+                num_channels, num_pixels, num_tiles, **feats_config)
             _dmd_bwd_kernels_kernel[(block_first.shape[0], num_chunks)](
                 kernels, mask_feats, member, block_first, block_count, block_image, target,
                 coefs, partials, num_channels, num_pixels, num_chunks, pixels_per_chunk,
