@@ -22,7 +22,8 @@ order; the host sorts them stably by image and cuts each image's run into blocks
 
 The backward kernels hold whole feature columns (E_PAD = E rounded up to a power of two) so that
 the same tile serves both the logits and the gradient product. Matrix products run in IEEE float32
-(no TF32) or float64; float16/bfloat16 inputs are upcast to float32 tile by tile.
+(no TF32) or float64. float16/bfloat16 inputs: the forward upcasts them to float32 tile by tile; the
+backward runs on float32 copies (its kernel-gradient kernel spills with 16-bit tiles).
 """
 
 # N=images, E=mask-feature channels, P=pixels of the mask map (H*W), K=positives,
@@ -40,10 +41,12 @@ from .dice_loss import _device_guard, _grid_layout, _loss_from_sums, _sigmoid_wi
 __all__ = ["BACKWARD_PIXELS_PER_CHUNK", "PIXELS_PER_CHUNK", "dynamic_mask_dice_loss_backward",
            "dynamic_mask_dice_loss_forward", "launch_config"]
 
-# Pixels per forward / kernel-gradient program: at K = 200 positives in ~8 images (~15 blocks),
-# 54,400 pixels in 7 chunks give ~100 programs, and the float32 partials stay short sums.
-PIXELS_PER_CHUNK = 8192
-BACKWARD_PIXELS_PER_CHUNK = 8192
+# Pixels per forward / kernel-gradient program. At K = 200 positives in 8 images (~12 forward
+# blocks of 32, ~30 backward blocks of 8) and P = 54,400: 27 forward chunks make ~320 programs and
+# 14 backward chunks ~420, a few per H100 SM, while the float32 partials stay short sums and the
+# (K, C, E) kernel-gradient partials small (3 MB).
+PIXELS_PER_CHUNK = 2048
+BACKWARD_PIXELS_PER_CHUNK = 4096
 
 _FEAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
