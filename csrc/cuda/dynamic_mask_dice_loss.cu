@@ -13,7 +13,7 @@
 // c per row in registers, then over the 16 threads of a row by shuffles, and writes one partial per
 // (positive, chunk); cuda_dice::finalize_kernel sums the partials in double in a fixed order.
 //
-// Backward, mask features: block (pixel tile, image) owns grad_mask_feats[n, :, tile]: it runs over
+// Backward, mask features: block (image, pixel tile) owns grad_mask_feats[n, :, tile]: it runs over
 // ALL the image's positives (ascending k), recomputes their logit tile, puts dL/dz in shared memory
 // and adds kernels^T . dL/dz to its tile. Each output element belongs to one thread of one block,
 // which reads and writes it in a fixed order: no atomics, no races.
