@@ -21,9 +21,9 @@
 // nothing of size K x P is ever stored, and no float is accumulated by two threads: the results
 // do not depend on the thread count.
 //
-// The GEMMs are single-threaded MKL calls inside at::parallel_for (nested parallelism is off under
-// OpenMP): with two cores, one task per core beat sequential tiles with two-thread GEMMs and a
-// parallel epilogue (RESULTS.md).
+// The GEMMs are MKL calls made single-threaded (SingleThreadedBlas) inside at::parallel_for: one
+// task per core beat sequential tiles with two-thread GEMMs (forward 75 ms against 180-300 ms at
+// the canonical size, RESULTS.md), and letting MKL thread inside the tasks was 15x slower.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -68,6 +68,27 @@ inline T* ptr(const at::Tensor& t) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// MKL's per-thread thread count (weak: absent from torch builds without MKL, where the GEMMs of a
+// task run however that BLAS runs them). Inside a task the GEMMs must run on the task's thread
+// alone: MKL otherwise starts its own threads under the OpenMP region, two per core, and on this
+// 2-core machine forward + backward took 4-5 s instead of 0.3 s (RESULTS.md).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Epilogues on one row of a tile. Always inlined into the SIMD-cloned float32 wrappers.
@@ -222,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_forward_cpu(
     using target_t = decltype(target_tag);
     const target_t* target_data = ptr<const target_t>(target);
     at::parallel_for(0, images * spans, 1, [&](int64_t task_begin, int64_t task_end) {
+      const SingleThreadedBlas single_threaded_blas;
       at::Tensor logits = at::empty({layout.largest_image, kTile}, kernels.options());  // (K_n, T)
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t image = task / spans;
@@ -313,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_backward_cpu(
     using target_t = decltype(target_tag);
     const target_t* target_data = ptr<const target_t>(target);
     at::parallel_for(0, images * spans, 1, [&](int64_t task_begin, int64_t task_end) {
+      const SingleThreadedBlas single_threaded_blas;
       at::Tensor buffer = at::empty({layout.largest_image, kTile}, kernels.options());  // (K_n, T)
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t image = task / spans;

@@ -94,7 +94,8 @@ def dynamic_mask_dice_loss_reference(kernels: Tensor, mask_feats: Tensor, pos_im
         selected = (pos_image == image).nonzero().squeeze(1)  # (K_n,)
         features = mask_feats[image].reshape(e, h * w)  # (E, H*W)
         logits = logits.index_copy(0, selected, kernels[selected] @ features)
-    return dice_loss_reference(logits.reshape(-1, h, w), target, logits=True, eps=eps)
+    logits = logits.reshape(kernels.shape[0], h, w)  # (K, H, W)
+    return dice_loss_reference(logits, target, logits=True, eps=eps)
 
 
 _MATRIX_NMS_KERNELS = ("gaussian", "linear")
