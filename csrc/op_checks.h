@@ -105,4 +105,42 @@ inline void check_matrix_nms_decay_inputs(const at::Tensor& packed, const at::Te
               segments.device(), ") must be on packed's device ", packed.device());
 }
 
+// dynamic_mask_dice_loss: kernels (K, E) floating; mask_feats (N, E, P) kernels' dtype;
+// pos_image (K,) int64; target (K, P) uint8, bool or kernels' dtype; all on kernels' device.
+inline void check_dynamic_mask_inputs(const at::Tensor& kernels, const at::Tensor& mask_feats,
+                                      const at::Tensor& pos_image, const at::Tensor& target,
+                                      const char* op) {
+  TORCH_CHECK(kernels.dim() == 2, op, ": kernels must be 2-D (K, E), got shape ",
+              kernels.sizes());
+  TORCH_CHECK(at::isFloatingType(kernels.scalar_type()), op,
+              ": kernels must be float16, bfloat16, float32 or float64, got ",
+              kernels.scalar_type());
+  TORCH_CHECK(mask_feats.dim() == 3 && mask_feats.size(1) == kernels.size(1), op,
+              ": mask_feats must be 3-D (N, E, P) with E = ", kernels.size(1),
+              " (kernels' width), got shape ", mask_feats.sizes(),
+              "; flatten the pixel dimensions first");
+  TORCH_CHECK(mask_feats.scalar_type() == kernels.scalar_type(), op,
+              ": mask_feats must have kernels' dtype ", kernels.scalar_type(), ", got ",
+              mask_feats.scalar_type());
+  const int64_t k = kernels.size(0);
+  TORCH_CHECK(pos_image.dim() == 1 && pos_image.size(0) == k, op,
+              ": pos_image must be 1-D with one entry per kernel (", k, ",), got shape ",
+              pos_image.sizes());
+  TORCH_CHECK(pos_image.scalar_type() == at::kLong, op, ": pos_image must be int64, got ",
+              pos_image.scalar_type());
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == k && target.size(1) == mask_feats.size(2),
+              op, ": target must have shape (K, P) = (", k, ", ", mask_feats.size(2), "), got ",
+              target.sizes());
+  const auto target_dtype = target.scalar_type();
+  TORCH_CHECK(target_dtype == at::kByte || target_dtype == at::kBool ||
+                  target_dtype == kernels.scalar_type(),
+              op, ": target must be uint8 (0/1), bool or kernels' dtype ", kernels.scalar_type(),
+              ", got ", target_dtype, "; convert it with target.to(kernels.dtype)");
+  TORCH_CHECK(mask_feats.device() == kernels.device() && pos_image.device() == kernels.device() &&
+                  target.device() == kernels.device(),
+              op, ": mask_feats (", mask_feats.device(), "), pos_image (", pos_image.device(),
+              ") and target (", target.device(), ") must be on kernels' device ",
+              kernels.device());
+}
+
 }  // namespace solo_fast

@@ -43,6 +43,18 @@ TORCH_LIBRARY(solo_fast, m) {
   m.def(
       "matrix_nms_decay(Tensor packed, Tensor labels, Tensor areas, Tensor segments, int kernel, "
       "float sigma) -> Tensor");
+  // SOLOv2: kernels (K, E) and mask_feats (N, E, P) in one floating dtype, both contiguous;
+  // pos_image (K,) int64 in [0, N), positives in any order; target (K, P) uint8, bool or kernels'
+  // dtype. The logits of positive k are z_k = kernels[k] . mask_feats[pos_image[k]] (a 1x1
+  // convolution), never stored. Returns the dice loss (K,) of sigmoid(z_k) in kernels' dtype and
+  // the raw sums (K, 3) in float64, as dice_loss_forward; the backward recomputes the logits and
+  // returns (grad_kernels (K, E), grad_mask_feats (N, E, P)).
+  m.def(
+      "dynamic_mask_dice_loss_forward(Tensor kernels, Tensor mask_feats, Tensor pos_image, "
+      "Tensor target, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "dynamic_mask_dice_loss_backward(Tensor grad_loss, Tensor kernels, Tensor mask_feats, "
+      "Tensor pos_image, Tensor target, Tensor sums, float eps) -> (Tensor, Tensor)");
 }
 
 namespace {

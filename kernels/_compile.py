@@ -179,6 +179,57 @@ def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
                 aligned=("iou_ptr", "group_start_ptr", "f_comp_ptr", "order_ptr",
                          "neg_sigma_ptr", "decay_ptr"),
                 options=module.EXP_OPTIONS))
+
+def _dynamic_mask_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
+    import torch
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+              "fp64": torch.float64}
+    entries = []
+    # (inputs, target, E, pixel counts multiples of 16): SOLOv2's E = 256 (128 for the light
+    # models); one variant checks the scalar-load code of other sizes.
+    # 16-bit inputs run only the forward: their backward upcasts to float32 (see launch_config).
+    variants = (("fp32", "u8", 256, True), ("fp32", "fp32", 256, True), ("fp16", "u8", 256, True),
+                ("bf16", "u8", 256, True), ("fp64", "fp64", 256, True), ("fp32", "u8", 128, True),
+                ("fp32", "u8", 256, False))
+    indices = {"member_ptr": "*i64", "block_first_ptr": "*i64", "block_count_ptr": "*i64",
+               "block_image_ptr": "*i64"}
+    for data, target, channels, aligned_sizes in variants:
+        acc = "fp64" if data == "fp64" else "fp32"
+        variant = f"{data}/{target}, E={channels}" + ("" if aligned_sizes else ", P % 16 != 0")
+        sizes = ("num_channels",) + (("num_pixels", "pixels_per_chunk") if aligned_sizes
+                                     else ("pixels_per_chunk",))
+        inputs = {"kernels_ptr": f"*{data}", "feats_ptr": f"*{data}"}
+        config = module.launch_config(dtypes[data], channels, kernel="forward")
+        num_warps = config.pop("num_warps")
+        signature = {**inputs, **indices, "target_ptr": f"*{target}", "partial_ptr": f"*{acc}",
+                     "num_channels": "i32", "num_pixels": "i32", "num_chunks": "i32",
+                     "pixels_per_chunk": "i32"}
+        entries.append(CompileEntry(
+            kernel="_dmd_fwd_kernel", variant=variant, signature=signature, constexprs=config,
+            aligned=tuple(n for n in signature if n.endswith("_ptr")) + sizes,
+            num_warps=num_warps))
+        if data in ("fp16", "bf16"):
+            continue
+        config = module.launch_config(dtypes[data], channels, kernel="feats")
+        num_warps = config.pop("num_warps")
+        signature = {**inputs, "member_ptr": "*i64", "group_start_ptr": "*i64",
+                     "target_ptr": f"*{target}", "coef_ptr": f"*{acc}",
+                     "grad_feats_ptr": f"*{data}", "num_channels": "i32", "num_pixels": "i32",
+                     "num_tiles": "i32"}
+        entries.append(CompileEntry(
+            kernel="_dmd_bwd_feats_kernel", variant=variant, signature=signature,
+            constexprs=config, aligned=tuple(n for n in signature if n.endswith("_ptr"))
+            + sizes[:-1], num_warps=num_warps))
+        config = module.launch_config(dtypes[data], channels, kernel="kernels")
+        num_warps = config.pop("num_warps")
+        signature = {**inputs, **indices, "target_ptr": f"*{target}", "coef_ptr": f"*{acc}",
+                     "partial_ptr": f"*{acc}", "num_channels": "i32", "num_pixels": "i32",
+                     "num_chunks": "i32", "pixels_per_chunk": "i32"}
+        entries.append(CompileEntry(
+            kernel="_dmd_bwd_kernels_kernel", variant=variant, signature=signature,
+            constexprs=config, aligned=tuple(n for n in signature if n.endswith("_ptr")) + sizes,
+            num_warps=num_warps))
     return entries
 
 
@@ -188,6 +239,7 @@ COMPILE_TABLE = {
     "dice_loss": _dice_loss_entries,
     "decoupled_dice_loss": _decoupled_dice_loss_entries,
     "matrix_nms": _matrix_nms_entries,
+    "dynamic_mask_dice_loss": _dynamic_mask_dice_loss_entries,
 }
 
 

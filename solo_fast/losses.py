@@ -6,9 +6,10 @@ The criteria take a head's raw outputs and the GT instances of a batch and retur
 * loss_mask: the dice loss of every positive against its GT mask at the mask-map size, times
   ``mask_loss_weight``, summed over all levels and images and divided by the number of positive
   cells. With no positive it is exactly 0 and still part of the graph, as in mmdetection. The
-  dice is a fused op: ``solo_fast.ops.dice_loss`` on SOLO's and SOLOv2's logits,
+  dice is a fused op: ``solo_fast.ops.dice_loss`` on SOLO's logits,
   ``solo_fast.ops.decoupled_dice_loss`` on Decoupled SOLO's X/Y logits (the products are never
-  stored); ``dice_backend="reference"`` selects the plain PyTorch path.
+  stored), ``solo_fast.ops.dynamic_mask_dice_loss`` on SOLOv2's kernels and mask features (the
+  logits are never stored); ``dice_backend="reference"`` selects the plain PyTorch path.
 * loss_cls: the focal loss over every cell of every level and image, divided by num_pos + 1.
 
 No dense (S*S, h, w) target stack is built: each positive gathers its own prediction and its GT
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig
-from solo_fast.ops import decoupled_dice_loss, dice_loss
+from solo_fast.ops import decoupled_dice_loss, dice_loss, dynamic_mask_dice_loss
 from solo_fast.targets import (
     LevelTargets,
     TargetConfig,
@@ -39,7 +40,7 @@ from solo_fast.targets import (
 )
 
 __all__ = ["FLOAT32_EPS", "DecoupledSOLOCriterion", "SOLOCriterion", "SOLOv2Criterion",
-           "build_criterion", "category_loss", "dynamic_mask_logits", "sigmoid_focal_loss",
+           "build_criterion", "category_loss", "sigmoid_focal_loss",
            "target_config"]
 
 # mmdetection's weight_reduce_loss adds float32 machine epsilon to avg_factor.
@@ -270,6 +271,11 @@ class SOLOv2Criterion(_Criterion):
     def mask_losses(self, outputs, levels: Sequence[LevelTargets]) -> list[Tensor]:
         """Weighted dice loss of every positive, per level.
 
+        All levels of the batch go through ONE call of
+        :func:`solo_fast.ops.dynamic_mask_dice_loss` (every level's targets are at the
+        mask-feature size), which never stores the (K, h, w) logits; ``dice_backend="reference"``
+        runs its PyTorch reference instead. The (sum K,) result is split back into levels.
+
         Args:
             outputs: ``SOLOv2Output``; kernel_preds L x (N, E, S, S), mask_feats (N, E, h, w).
             levels: The batch's targets.
@@ -278,42 +284,26 @@ class SOLOv2Criterion(_Criterion):
             L tensors (K_l,), positives ordered by (image, instance, cell) as mmdetection orders
             them.
         """
-        losses = []
-        for kernel_preds, level in zip(outputs.kernel_preds, levels):
-            kernels = kernel_preds.flatten(2)[level.pos_image, :, level.pos_cell]  # (K, E)
-            if kernels.shape[0] == 0:
-                losses.append(kernels.sum(dim=1))  # (0,)
-                continue
-            logits = dynamic_mask_logits(kernels, level.pos_image, outputs.mask_feats)  # (K, h, w)
-            target = level.gt_masks[level.pos_instance]  # (K, h, w) bool
-            dice = dice_loss(logits, target, logits=True, backend=self.dice_backend)
-            losses.append(self.mask_loss_weight * dice)
-        return losses
+        kernels = [kernel_preds.flatten(2)[level.pos_image, :, level.pos_cell]  # (K_l, E)
+                   for kernel_preds, level in zip(outputs.kernel_preds, levels)]
+        counts = [k.shape[0] for k in kernels]
+        if sum(counts) == 0:
+            return [k.sum(dim=1) for k in kernels]  # L x (0,), still tied to the graph
+        pos_image = torch.cat([level.pos_image for level in levels])  # (sum K,)
+        target = torch.cat([level.gt_masks[level.pos_instance]
+                            for level in levels])  # (sum K, h, w)
+        # Under autocast the two branches may end in different dtypes: the op takes one.
+        mask_feats = outputs.mask_feats
+        dtype = torch.promote_types(kernels[0].dtype, mask_feats.dtype)
+        dice = dynamic_mask_dice_loss(torch.cat(kernels).to(dtype), mask_feats.to(dtype),
+                                      pos_image, target, backend=self.dice_backend)  # (sum K,)
+        return list((self.mask_loss_weight * dice).split(counts))
 
     def empty_mask_loss(self, outputs, terms: Tensor) -> Tensor:
         """mmdetection's ``mask_feats.sum() * 0``, plus the kernel branch times 0: the value and
         the gradients are mmdetection's (zeros), and under DDP no parameter is left unused."""
         kernels = sum(kernel_preds.sum() for kernel_preds in outputs.kernel_preds)
         return (outputs.mask_feats.sum() + kernels) * 0
-
-
-def dynamic_mask_logits(kernels: Tensor, images: Tensor, mask_feats: Tensor) -> Tensor:
-    """SOLOv2's dynamic 1x1 convolution: the mask logits of K kernels on their images' features.
-
-    Args:
-        kernels: (K, E) one kernel per positive.
-        images: (K,) int64, the image of each kernel.
-        mask_feats: (N, E, h, w).
-
-    Returns:
-        (K, h, w) logits.
-    """
-    n, e, h, w = mask_feats.shape
-    logits = kernels.new_empty((kernels.shape[0], h * w))  # (K, h*w)
-    for image in range(n):
-        selected = images == image
-        logits[selected] = kernels[selected] @ mask_feats[image].reshape(e, h * w)
-    return logits.reshape(-1, h, w)  # (K, h, w)
 
 
 _CRITERIA = {"solo": SOLOCriterion, "decoupled_solo": DecoupledSOLOCriterion,

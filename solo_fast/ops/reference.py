@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["decoupled_dice_loss_reference", "dice_loss_reference", "matrix_nms_reference"]
+__all__ = ["decoupled_dice_loss_reference", "dice_loss_reference",
+           "dynamic_mask_dice_loss_reference", "matrix_nms_reference"]
 
 
 def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
@@ -64,6 +65,37 @@ def decoupled_dice_loss_reference(x_logits: Tensor, y_logits: Tensor, pos_image:
     prob_y = y_logits.sigmoid().reshape(n * s, h, w).index_select(0, pos_image * s + pos_row)
     # prob_x, prob_y: (K, H, W)
     return dice_loss_reference(prob_y * prob_x, target, logits=False, eps=eps)
+
+
+def dynamic_mask_dice_loss_reference(kernels: Tensor, mask_feats: Tensor, pos_image: Tensor,
+                                     target: Tensor, *, eps: float = 1e-3) -> Tensor:
+    """Dice loss of SOLOv2's dynamic masks (mmdetection ``SOLOV2Head.loss_by_feat``, SPEC §6.3).
+
+    The logits of positive k are the 1x1 convolution of its image's mask features with its
+    kernel, ``z_k = sum_e kernels[k, e] * mask_feats[pos_image[k], e]``; their dice loss
+    (:func:`dice_loss_reference`, sigmoid inside) against ``target[k]``. Positives may come in
+    any order and repeat.
+
+    Args:
+        kernels: (K, E) floating, one dynamic kernel per positive.
+        mask_feats: (N, E, H, W) floating mask features, kernels' dtype.
+        pos_image: (K,) int64 image of each positive, in [0, N).
+        target: (K, H, W) bool, uint8 or floating mask of each positive.
+        eps: added to each of the two squared sums.
+
+    Returns:
+        (K,) in kernels' dtype.
+    """
+    # N=images, E=mask-feature channels, K=positives, H, W=mask-map size
+    n, e, h, w = mask_feats.shape
+    logits = kernels.new_zeros((kernels.shape[0], h * w))  # (K, H*W)
+    # One matmul per image on its positives, as mmdetection runs one conv2d per image.
+    for image in range(n):
+        selected = (pos_image == image).nonzero().squeeze(1)  # (K_n,)
+        features = mask_feats[image].reshape(e, h * w)  # (E, H*W)
+        logits = logits.index_copy(0, selected, kernels[selected] @ features)
+    logits = logits.reshape(kernels.shape[0], h, w)  # (K, H, W)
+    return dice_loss_reference(logits, target, logits=True, eps=eps)
 
 
 _MATRIX_NMS_KERNELS = ("gaussian", "linear")

@@ -25,6 +25,8 @@ OP_KERNELS = {
     "matrix_nms": {"_matrix_nms_pack_kernel", "_matrix_nms_word_range_kernel",
                    "_matrix_nms_iou_kernel", "_matrix_nms_compensation_kernel",
                    "_matrix_nms_decay_kernel"},
+    "dynamic_mask_dice_loss": {"_dmd_fwd_kernel", "_dmd_bwd_feats_kernel",
+                               "_dmd_bwd_kernels_kernel"},
 }
 
 # The installed package is solo_fast.kernels; the source tree has it as the top-level `kernels`.
