@@ -22,6 +22,8 @@ ARCHES = (80, 90)
 OP_KERNELS = {
     "dice_loss": {"_dice_loss_fwd_kernel", "_dice_loss_bwd_kernel"},
     "decoupled_dice_loss": {"_decoupled_dice_loss_fwd_kernel", "_decoupled_dice_loss_bwd_kernel"},
+    "dynamic_mask_scores": {"_dynamic_mask_scores_kernel"},
+    "decoupled_mask_scores": {"_decoupled_mask_scores_kernel"},
 }
 
 # The installed package is solo_fast.kernels; the source tree has it as the top-level `kernels`.
