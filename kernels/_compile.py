@@ -148,8 +148,7 @@ def _dynamic_mask_scores_entries(module: ModuleType) -> list[CompileEntry]:
                        "tiles_per_chunk": "i32"},
             constexprs={"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
                         "BLOCK_K": config["BLOCK_K"],
-                        "INPUT_PRECISION": module._input_precision(dtypes[feats]),
-                        "USE_LIBDEVICE": True},
+                        "INPUT_PRECISION": module._input_precision(dtypes[feats])},
             aligned=("kernels_ptr", "feats_ptr", "tile_image_ptr", "row_begin_ptr",
                      "row_end_ptr", "area_ptr", "soft_ptr") + sizes,
             num_warps=config["num_warps"]))

@@ -11,7 +11,8 @@ stored. Candidates share rows and columns, which are then re-read from L2 rather
 
 The product rounds to the input dtype (float16/bfloat16 are multiplied in float32 and rounded, as
 torch does), and the comparison is in that dtype too, so that the thresholded set is exactly the
-reference's ``y * x > threshold``.
+reference's ``y * x > threshold`` (``csrc/decoupled_mask_scores.h``'s decoupled_soft, operation
+for operation).
 """
 
 # N=images, C=channels of each branch (all levels), K=candidates, P=pixels of a mask map
@@ -184,7 +185,9 @@ def decoupled_mask_scores(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: 
     block = default_block if block is None else block
     pixels_per_chunk, num_chunks = _grid_layout(
         num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk)
-    threshold_t = torch.tensor([threshold], dtype=x.dtype, device=device)  # (1,)
+    # Rounded as csrc/dynamic_mask_scores.h's threshold_as: to the compute dtype, then the input's.
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    threshold_t = torch.tensor([threshold], dtype=compute_dtype, device=device).to(x.dtype)  # (1,)
     partial_area = torch.empty((num_candidates, num_chunks), dtype=torch.int32, device=device)
     partial_soft = torch.empty((num_candidates, num_chunks), dtype=torch.float64, device=device)
     guard = torch.cuda.device(device) if x.is_cuda else contextlib.nullcontext()

@@ -13,9 +13,11 @@ flight at one time read the same pixel tile of mask_feats (from L2, not DRAM); a
 of pixel tiles. Each program writes one partial (area, soft_sum) per candidate and chunk, summed on
 the host in float64 in a fixed order: the result does not depend on scheduling.
 
-The sigmoid is ``1 / (1 + exp(-z))`` with z and s rounded to the input dtype, as torch computes
-``sigmoid`` (libdevice's correctly rounded-ish ``exp`` and an IEEE division on the GPU, numpy's
-under the interpreter), so that the thresholded set matches ``sigmoid(z) > threshold``.
+The per-pixel arithmetic is that of ``csrc/dynamic_mask_scores.h`` (the C++ and CUDA kernels),
+operation for operation: torch's ``1 / (1 + exp(-z))`` with the house exp polynomial of
+``kernels/dice_loss.py``, an IEEE division, z and s rounded to the input dtype and the threshold
+compared in it, so that the thresholded set matches ``sigmoid(z) > threshold`` up to pixels within
+a few ulp of the threshold.
 """
 
 # N=images, E=mask-feature channels, K=candidates, P=pixels of a mask map, T=candidate tiles,
@@ -29,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
+
+from .dice_loss import _exp_nonpositive
 
 __all__ = ["dynamic_mask_scores", "launch_config"]
 
@@ -40,26 +43,28 @@ _FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
-def _sigmoid_above(z, threshold, USE_LIBDEVICE: tl.constexpr):
-    """(s, s > threshold) with s = 1 / (1 + exp(-z)) rounded as torch.sigmoid rounds it.
+def _soft_above(z, threshold):
+    """(s, s > threshold): csrc/dynamic_mask_scores.h's soft_from_logit and in_mask.
 
-    z is in the input dtype; float16/bfloat16 are computed in float32 and s rounded back, as
-    torch's half sigmoid does. The interpreter has no libdevice: there tl.exp is numpy's exp.
+    z is in the input dtype, threshold in the compute dtype (float32 for float16/bfloat16, which
+    round s back to their dtype as torch stores it). For z >= 0, s = 1 / (1 + e) with
+    e = exp(-z) from the C++ kernels' exp polynomial; for z < 0 the equal e / (1 + e) with
+    e = exp(z); 0 where torch's float exp(-z) overflows.
     """
     if z.dtype == tl.float64:
-        compute = z
+        zc = z
     else:
-        compute = z.to(tl.float32)
-    if USE_LIBDEVICE:
-        e = libdevice.exp(-compute)
+        zc = z.to(tl.float32)
+    negative = zc < 0
+    e = _exp_nonpositive(tl.where(negative, zc, -zc))
+    numerator = tl.where(negative, e, 1.0)
+    if zc.dtype == tl.float64:
+        s = numerator / (1.0 + e)
     else:
-        e = tl.exp(-compute)
-    if compute.dtype == tl.float64:
-        s = 1.0 / (1.0 + e)
-    else:
-        # The IEEE division: Triton's `/` on float32 is the 2-ulp approximation.
-        s = tl.math.div_rn(tl.full(e.shape, 1.0, tl.float32), 1.0 + e)
-    s = s.to(z.dtype).to(compute.dtype)
+        # The IEEE division, as C++ and CUDA divide: Triton's `/` on float32 is a 2-ulp one.
+        s = tl.math.div_rn(numerator, 1.0 + e)
+        s = tl.where(zc < -88.7228394, 0.0, s)
+    s = s.to(z.dtype).to(zc.dtype)
     return s, s > threshold
 
 
@@ -82,7 +87,6 @@ def _dynamic_mask_scores_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's: "ieee" for float32 (no TF32 rounding of z)
-    USE_LIBDEVICE: tl.constexpr,  # False under the interpreter
 ):
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -115,7 +119,7 @@ def _dynamic_mask_scores_kernel(
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * num_pixels
         # z rounds to the input dtype, as the reference's matmul output does.
-        s, above = _sigmoid_above(acc.to(kernels_ptr.dtype.element_ty), threshold, USE_LIBDEVICE)
+        s, above = _soft_above(acc.to(kernels_ptr.dtype.element_ty), threshold)
         keep = above & row_ok[:, None] & col_ok[None, :]
         area += tl.sum(keep.to(tl.int32), axis=1)
         soft += tl.sum(tl.where(keep, s.to(tl.float64), 0.0), axis=1)
@@ -141,6 +145,10 @@ def launch_config(dtype: torch.dtype) -> dict[str, object]:
     if dtype in (torch.float32, torch.float64):
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8}
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -239,7 +247,9 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
     row_begin = (segment[tile_image] + local * block_m).contiguous()  # (T,)
     row_end = segment[tile_image + 1].contiguous()  # (T,)
     sorted_kernels = kernels.index_select(0, order).contiguous()  # (K, E)
-    threshold_t = torch.tensor([threshold], dtype=kernels.dtype, device=device)  # (1,)
+    # Rounded as csrc/dynamic_mask_scores.h's threshold_as: to the compute dtype, then the input's.
+    threshold_t = torch.tensor([threshold], dtype=_compute_dtype(kernels.dtype),
+                               device=device).to(kernels.dtype)  # (1,)
 
     tiles_per_chunk, num_chunks = _grid_layout(num_pixels, block_n)
     partial_area = torch.empty((num_candidates, num_chunks), dtype=torch.int32, device=device)
@@ -250,7 +260,7 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
             sorted_kernels, feats, tile_image.contiguous(), row_begin, row_end, threshold_t,
             partial_area, partial_soft, num_channels, num_pixels, num_chunks, tiles_per_chunk,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            INPUT_PRECISION=_input_precision(kernels.dtype), USE_LIBDEVICE=kernels.is_cuda,
+            INPUT_PRECISION=_input_precision(kernels.dtype),
             num_warps=config["num_warps"])
     # Sorted position -> candidate: order is a permutation, so each output is written once.
     area.index_copy_(0, order, partial_area.sum(dim=1, dtype=torch.int64))
