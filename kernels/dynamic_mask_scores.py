@@ -218,14 +218,6 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
     soft_sum = torch.zeros(num_candidates, dtype=torch.float64, device=device)
     if num_candidates == 0:
         return area, soft_sum
-    # One device-to-host copy: the index bounds (no program may read out of bounds).
-    low, high = torch.stack([image.min(), image.max()]).tolist()
-    if low < 0 or high >= num_images:
-        raise ValueError(f"dynamic_mask_scores: image must lie in [0, N) = [0, {num_images}), "
-                         f"got values in [{low}, {high}]")
-    if num_pixels == 0:
-        return area, soft_sum
-
     config = launch_config(kernels.dtype)
     block_m = config["BLOCK_M"] if block_m is None else block_m
     block_n = config["BLOCK_N"] if block_n is None else block_n
@@ -234,12 +226,20 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
         raise ValueError(f"dynamic_mask_scores (triton): at most {(2**31 - 1) // block_k} pixels "
                          f"per mask, got {num_pixels}")
 
-    # Candidate tiles: the sorted candidates of one image, BLOCK_M at a time.
+    # Candidate tiles: the sorted candidates of image n are [segment[n], segment[n + 1]), taken
+    # BLOCK_M at a time. Stable, so a tile's rows are in ascending k (as the C++ kernel's).
     sorted_image, order = torch.sort(image, stable=True)  # (K,), (K,)
     boundaries = torch.arange(num_images + 1, dtype=torch.int64, device=device)  # (N + 1,)
     segment = torch.searchsorted(sorted_image, boundaries)  # (N + 1,)
     tiles = (segment.diff() + block_m - 1) // block_m  # (N,)
-    num_tiles = int(tiles.sum())
+    # One device-to-host copy: the index bounds (no program may read out of bounds) and the
+    # number of candidate tiles (the grid).
+    low, high, num_tiles = torch.stack([image.min(), image.max(), tiles.sum()]).tolist()
+    if low < 0 or high >= num_images:
+        raise ValueError(f"dynamic_mask_scores: image must lie in [0, N) = [0, {num_images}), "
+                         f"got values in [{low}, {high}]")
+    if num_pixels == 0:
+        return area, soft_sum
     tile_image = torch.repeat_interleave(
         torch.arange(num_images, device=device), tiles, output_size=num_tiles)  # (T,)
     first_tile = tiles.cumsum(0) - tiles  # (N,)
