@@ -10,18 +10,20 @@
 // solo_fast/ops/dynamic_mask_scores.py; arithmetic: dynamic_mask_scores.h).
 //
 // The candidates are grouped by image (stable inside an image) and their kernels gathered into
-// one (K, E) matrix in that order. A task is one image, one block of at most kBlock of its
-// candidates and one tile of kTile pixels: a GEMM z = kernels_block (B x E) @ feats_n[:, tile]
-// (E x T, a strided view) into a task-local buffer (B x T floats, 512 KiB, in L2), then the
-// epilogue: sigmoid, threshold, count and soft sum per candidate while z is still in cache. Each
-// (candidate, tile) pair gets its own float64 partial; the tiles are added in ascending order at
-// the end, so the result does not depend on how tasks are spread over threads. Nothing of size
-// K x P is stored.
+// one (K, E) matrix in that order. A task is one image and one tile of kTile pixels: it packs the
+// tile's features into a contiguous (E, T) matrix (converting float16 / bfloat16 to float32),
+// then, per block of at most kBlock of the image's candidates, runs the GEMM
+// z = kernels_block (B x E) @ tile (E x T) into a task-local buffer (B x T floats, 512 KiB, in
+// L2) and the epilogue: sigmoid, threshold, count and soft sum per candidate while z is still in
+// cache. Each (candidate, tile) pair gets its own float64 partial; the tiles are added in
+// ascending order at the end, so the result does not depend on how tasks are spread over
+// threads. Nothing of size K x P is stored.
 //
 // Two schedules (chosen by SOLO_FAST_SCORES_SCHEDULE, for the measurement in
 // benchmarks/RESULTS.md): "tiles" (default) runs tasks in parallel, each GEMM single-threaded
 // (MKL runs one thread inside a parallel region); "gemm" runs tasks one after another with
-// multi-threaded GEMMs and a parallel epilogue over the block's rows.
+// multi-threaded GEMMs and a parallel epilogue over the block's rows. Both run the same GEMM
+// shapes, so they give the same bits.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -130,11 +132,9 @@ Groups group_by_image(const at::Tensor& image_in, int64_t images, const char* op
   return groups;
 }
 
-// Rows [first, last) of the gathered kernels (all of image `image`) against pixel tile `tile`.
+// All candidates of image `image` (in blocks of kBlock) against pixel tile `tile`.
 struct Task {
   int64_t image;
-  int64_t first;
-  int64_t last;
   int64_t tile;
 };
 
@@ -163,23 +163,21 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cpu(const at::Tensor& ker
   if (num == 0 || pixels == 0) {
     return {area, soft_sum};
   }
-  // float16 / bfloat16 are multiplied in float32: one float copy of the inputs (the GEMM needs
-  // them in one precision; the features are read once per block of candidates).
+  // float16 / bfloat16 are multiplied in float32: the kernels are converted here, the features
+  // tile by tile while they are packed.
   const auto acc_dtype = at::toOpMathType(mask_feats_in.scalar_type());
-  const at::Tensor feats = mask_feats_in.to(acc_dtype).contiguous();  // (N, E, P)
+  const at::Tensor feats = mask_feats_in.contiguous();  // (N, E, P)
   const at::Tensor order = at::from_blob(const_cast<int64_t*>(groups.members.data()), {num},
                                          image.options());
   const at::Tensor gathered = kernels_in.to(acc_dtype).index_select(0, order).contiguous();
   // gathered: (K, E), image by image
+  const int64_t channels = gathered.size(1);
 
   const int64_t tiles = ceil_div(pixels, kTile);
   std::vector<Task> tasks;
   for (int64_t n = 0; n < images; ++n) {
-    for (int64_t first = groups.image_start[n]; first < groups.image_start[n + 1];
-         first += kBlock) {
-      const int64_t last = std::min(first + kBlock, groups.image_start[n + 1]);
-      for (int64_t tile = 0; tile < tiles; ++tile) tasks.push_back({n, first, last, tile});
-    }
+    if (groups.image_start[n] == groups.image_start[n + 1]) continue;
+    for (int64_t tile = 0; tile < tiles; ++tile) tasks.push_back({n, tile});
   }
   // Per (gathered row, tile) partials: (K, tiles) each.
   std::vector<int64_t> partial_area(num * tiles);
@@ -190,41 +188,67 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cpu(const at::Tensor& ker
     using prob_t = scalar_t;
     using acc_t = at::opmath_type<prob_t>;
     const acc_t thr = ms::threshold_as<prob_t, acc_t>(threshold);
-    // Logits of one task, (B, T) as a (rows, count) view of its first rows * count values.
-    auto logits = [&](const Task& task, const at::Tensor& buffer) {
-      const int64_t rows = task.last - task.first;
+    const prob_t* feats_data = ptr<const prob_t>(feats);
+    const auto options = gathered.options();
+    // The task's feature tile, copied into `packed` as a contiguous (E, T) matrix: read in place,
+    // its rows lie P floats apart (217 KB at 200 x 272), and MKL ran ~2.8x slower on that view
+    // than on the packed copy (256 x 256 x 512 single-precision GEMMs, measured here).
+    auto pack = [&](const Task& task, acc_t* packed) {
       const int64_t begin = task.tile * kTile;
       const int64_t count = std::min(pixels - begin, kTile);
+      for (int64_t e = 0; e < channels; ++e) {
+        const prob_t* source = feats_data + (task.image * channels + e) * pixels + begin;
+        std::copy(source, source + count, packed + e * count);
+      }
+      return count;
+    };
+    // Logits of rows [first, last) of the gathered kernels on the packed tile: (B, T) in z.
+    auto logits = [&](int64_t first, int64_t last, const at::Tensor& packed, int64_t count,
+                      const at::Tensor& buffer) {
+      const int64_t rows = last - first;
       at::Tensor z = buffer.narrow(0, 0, rows * count).view({rows, count});  // (B, T)
-      at::mm_out(z, gathered.narrow(0, task.first, rows),
-                 feats[task.image].narrow(1, begin, count));  // (B, E) @ (E, T)
+      at::mm_out(z, gathered.narrow(0, first, rows),
+                 packed.narrow(0, 0, channels * count).view({channels, count}));  // (B,E)@(E,T)
       return z;
     };
-    auto epilogue = [&](const Task& task, const acc_t* z, int64_t row_begin, int64_t row_end) {
-      const int64_t count = std::min(pixels - task.tile * kTile, kTile);
+    auto epilogue = [&](const Task& task, int64_t first, const acc_t* z, int64_t count,
+                        int64_t row_begin, int64_t row_end) {
       for (int64_t r = row_begin; r < row_end; ++r) {
-        const int64_t slot = (task.first + r) * tiles + task.tile;
+        const int64_t slot = (first + r) * tiles + task.tile;
         score_row_any<prob_t>(z + r * count, count, thr, &partial_area[slot], &partial_sum[slot]);
       }
     };
-    const auto options = feats.options();
+    auto blocks = [&](const Task& task, auto&& run_block) {
+      for (int64_t first = groups.image_start[task.image];
+           first < groups.image_start[task.image + 1]; first += kBlock) {
+        run_block(first, std::min(first + kBlock, groups.image_start[task.image + 1]));
+      }
+    };
     if (sequential_schedule()) {
+      const at::Tensor packed = at::empty({channels * kTile}, options);
       const at::Tensor buffer = at::empty({kBlock * kTile}, options);
       for (const Task& task : tasks) {
-        const at::Tensor z = logits(task, buffer);
-        const acc_t* z_data = ptr<const acc_t>(z);
-        at::parallel_for(0, task.last - task.first, 16, [&](int64_t begin, int64_t end) {
-          epilogue(task, z_data, begin, end);
+        const int64_t count = pack(task, ptr<acc_t>(packed));
+        blocks(task, [&](int64_t first, int64_t last) {
+          const at::Tensor z = logits(first, last, packed, count, buffer);
+          const acc_t* z_data = ptr<const acc_t>(z);
+          at::parallel_for(0, last - first, 16, [&](int64_t begin, int64_t end) {
+            epilogue(task, first, z_data, count, begin, end);
+          });
         });
       }
     } else {
       at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1,
                        [&](int64_t task_begin, int64_t task_end) {
+        const at::Tensor packed = at::empty({channels * kTile}, options);
         const at::Tensor buffer = at::empty({kBlock * kTile}, options);
         for (int64_t t = task_begin; t < task_end; ++t) {
           const Task& task = tasks[t];
-          const at::Tensor z = logits(task, buffer);
-          epilogue(task, ptr<const acc_t>(z), 0, task.last - task.first);
+          const int64_t count = pack(task, ptr<acc_t>(packed));
+          blocks(task, [&](int64_t first, int64_t last) {
+            const at::Tensor z = logits(first, last, packed, count, buffer);
+            epilogue(task, first, ptr<const acc_t>(z), count, 0, last - first);
+          });
         }
       });
     }
