@@ -506,39 +506,37 @@ class DecoupledSOLOPostProcessor(_PostProcessor):
         size = tuple(levels_x[0].shape[-2:])
         local = self._local_cells(candidates)
         row, col = torch.zeros_like(local), torch.zeros_like(local)  # (K,) into the maps
-        maps, offset = [], 0
+        pairs = []  # per level and branch: (maps, image, channel, the candidates' map index)
         for level, grid in enumerate(self.num_grids):
             index = (candidates.level == level).nonzero().squeeze(1)
             if index.numel() == 0:
                 continue
             image = candidates.image[index]
-            for levels, channel, which in ((levels_x, local[index] % grid, col),
-                                           (levels_y, local[index] // grid, row)):
-                chosen, inverse = self._distinct(levels[level], image, channel, size, activate)
-                maps.append(chosen)
-                which[index] = inverse + offset
-                offset += len(chosen)
-        probs = torch.cat(maps) if maps else levels_x[0].new_zeros((0, *size))  # (U, H4, W4)
+            pairs += [(levels_x[level], image, local[index] % grid, col, index),
+                      (levels_y[level], image, local[index] // grid, row, index)]
+        # each level's maps written into one preallocated tensor (a cat would copy them all)
+        distinct = [torch.unique(image * maps.shape[1] + channel, return_inverse=True)
+                    for maps, image, channel, _, _ in pairs]
+        probs = levels_x[0].new_empty((sum(len(d[0]) for d in distinct), *size))  # (U, H4, W4)
+        offset = 0
+        for (maps, image, channel, which, index), (unique, inverse) in zip(pairs, distinct):
+            chosen = maps[unique // maps.shape[1], unique % maps.shape[1]]  # (U_l, h, w)
+            probs[offset:offset + len(unique)] = (
+                prepare_mask_probs(chosen[None], size)[0] if activate else chosen)
+            which[index] = inverse + offset
+            offset += len(unique)
         return decoupled_source(probs, row, col)
 
-    @classmethod
-    def _branch(cls, maps: Tensor, image: Tensor, channel: Tensor, size: tuple[int, int],
+    @staticmethod
+    def _branch(maps: Tensor, image: Tensor, channel: Tensor, size: tuple[int, int],
                 activate: bool) -> Tensor:
         """The (image, channel) maps of one branch, each distinct one prepared once."""
-        chosen, inverse = cls._distinct(maps, image, channel, size, activate)
-        return chosen[inverse]
-
-    @staticmethod
-    def _distinct(maps: Tensor, image: Tensor, channel: Tensor, size: tuple[int, int],
-                  activate: bool) -> tuple[Tensor, Tensor]:
-        """The distinct (image, channel) maps of one branch (U, H4, W4), each prepared once, and
-        the index (K,) of each pair's map among them."""
         channels = maps.shape[1]
         distinct, inverse = torch.unique(image * channels + channel, return_inverse=True)
         chosen = maps[distinct // channels, distinct % channels]  # (U, h, w)
         if activate:
             chosen = prepare_mask_probs(chosen[None], size)[0]  # (U, H4, W4)
-        return chosen, inverse
+        return chosen[inverse]
 
 
 class SOLOv2PostProcessor(_PostProcessor):
