@@ -10,6 +10,7 @@ recorded result: time and peak memory of everything but the NMS, which a fused N
 (the reference NMS alone peaks at ~165 MB, more than the rest of the fused path). Every call is
 one image's raw head outputs -> bool masks at the original size, under ``torch.no_grad``.
 ``extra_info["peak_mb"]`` is the resident-memory peak of one call above what the inputs hold.
+``PYTHONPATH=. python benchmarks/bench_postprocess.py`` times the two paths alternately instead.
 
 Synthetic head outputs (fixed seed), one image at 800 x 1088 (mask map 200 x 272), 80 classes,
 mmdetection's grids (40, 36, 24, 16, 12) and test_cfg: every class logit is -10 except one
@@ -168,3 +169,29 @@ def test_postprocess(benchmark, family, provider, monkeypatch):
             with torch.no_grad():
                 call()  # records the NMS result outside the measurements
     benchmark_op(benchmark, device="cpu", mode="forward", loss=call, leaves=[])
+
+
+def interleaved(rounds: int = 5) -> None:
+    """Reference and fused paths timed alternately, call after call, so that the load of a
+    shared machine falls on both alike; prints medians and their ratio per family."""
+    import statistics
+    import time
+
+    for family in FAMILIES:
+        outputs = _outputs(family)
+        paths = {"reference": _processor(family, "reference"), "fused": _processor(family, None)}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        with torch.no_grad():
+            for _ in range(rounds + 1):  # the first round warms up
+                for name, processor in paths.items():
+                    start = time.perf_counter()
+                    processor(outputs, IMAGE_SIZES, ORIGINAL_SIZES)
+                    times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values[1:]) for name, values in times.items()}
+        print(f"{family}: reference {medians['reference'] * 1e3:.0f} ms, fused "
+              f"{medians['fused'] * 1e3:.0f} ms, speed-up "
+              f"{medians['reference'] / medians['fused']:.2f}x")
+
+
+if __name__ == "__main__":  # PYTHONPATH=. python benchmarks/bench_postprocess.py
+    interleaved()
