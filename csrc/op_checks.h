@@ -143,4 +143,63 @@ inline void check_dynamic_mask_inputs(const at::Tensor& kernels, const at::Tenso
               kernels.device());
 }
 
+// dynamic_mask_scores: kernels (K, E) and mask_feats (N, E, P) of one floating dtype; image (K,)
+// int64; all on mask_feats' device. Index ranges are checked where the indices are read.
+inline void check_dynamic_mask_scores_inputs(const at::Tensor& kernels,
+                                             const at::Tensor& mask_feats,
+                                             const at::Tensor& image, const char* op) {
+  TORCH_CHECK(mask_feats.dim() == 3, op, ": mask_feats must be 3-D (N, E, P), got shape ",
+              mask_feats.sizes(), "; flatten the pixel dimensions first");
+  TORCH_CHECK(at::isFloatingType(mask_feats.scalar_type()), op,
+              ": mask_feats must be float16, bfloat16, float32 or float64, got ",
+              mask_feats.scalar_type());
+  TORCH_CHECK(kernels.dim() == 2 && kernels.size(1) == mask_feats.size(1), op,
+              ": kernels must be (K, E) with E = ", mask_feats.size(1),
+              " as mask_feats, got shape ", kernels.sizes());
+  TORCH_CHECK(kernels.scalar_type() == mask_feats.scalar_type(), op,
+              ": kernels must have mask_feats' dtype ", mask_feats.scalar_type(), ", got ",
+              kernels.scalar_type());
+  TORCH_CHECK(image.dim() == 1 && image.size(0) == kernels.size(0), op,
+              ": image must be 1-D with one entry per kernel (", kernels.size(0),
+              "), got shape ", image.sizes());
+  TORCH_CHECK(image.scalar_type() == at::kLong, op, ": image must be int64, got ",
+              image.scalar_type());
+  TORCH_CHECK(kernels.device() == mask_feats.device() && image.device() == mask_feats.device(),
+              op, ": kernels (", kernels.device(), ") and image (", image.device(),
+              ") must be on mask_feats' device ", mask_feats.device());
+}
+
+// decoupled_mask_scores: x_probs, y_probs (N, C, P) of one floating dtype; image, row, col (K,)
+// int64; all on x_probs' device. Index ranges are checked where the indices are read.
+inline void check_decoupled_mask_scores_inputs(const at::Tensor& x_probs,
+                                               const at::Tensor& y_probs,
+                                               const at::Tensor& image, const at::Tensor& row,
+                                               const at::Tensor& col, const char* op) {
+  TORCH_CHECK(x_probs.dim() == 3, op, ": x_probs must be 3-D (N, C, P), got shape ",
+              x_probs.sizes(), "; flatten the pixel dimensions first");
+  TORCH_CHECK(y_probs.sizes() == x_probs.sizes(), op, ": y_probs must have x_probs' shape ",
+              x_probs.sizes(), ", got ", y_probs.sizes());
+  TORCH_CHECK(at::isFloatingType(x_probs.scalar_type()), op,
+              ": x_probs must be float16, bfloat16, float32 or float64, got ",
+              x_probs.scalar_type());
+  TORCH_CHECK(y_probs.scalar_type() == x_probs.scalar_type(), op,
+              ": y_probs must have x_probs' dtype ", x_probs.scalar_type(), ", got ",
+              y_probs.scalar_type());
+  const int64_t k = image.dim() == 1 ? image.size(0) : -1;
+  const std::pair<const char*, const at::Tensor*> indices[] = {
+      {"image", &image}, {"row", &row}, {"col", &col}};
+  for (const auto& [name, index] : indices) {
+    TORCH_CHECK(index->dim() == 1 && index->size(0) == k, op, ": ", name,
+                " must be 1-D with one entry per candidate (image has shape ", image.sizes(),
+                "), got shape ", index->sizes());
+    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                index->scalar_type());
+    TORCH_CHECK(index->device() == x_probs.device(), op, ": ", name, " is on ",
+                index->device(), " but x_probs is on ", x_probs.device(),
+                "; move both to the same device");
+  }
+  TORCH_CHECK(y_probs.device() == x_probs.device(), op, ": y_probs (", y_probs.device(),
+              ") must be on x_probs' device ", x_probs.device());
+}
+
 }  // namespace solo_fast

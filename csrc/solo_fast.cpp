@@ -55,6 +55,20 @@ TORCH_LIBRARY(solo_fast, m) {
   m.def(
       "dynamic_mask_dice_loss_backward(Tensor grad_loss, Tensor kernels, Tensor mask_feats, "
       "Tensor pos_image, Tensor target, Tensor sums, float eps) -> (Tensor, Tensor)");
+  // Candidate scoring at inference (SOLOv2 and Decoupled SOLO): per candidate k, the area of its
+  // binary mask s > threshold and soft_sum = sum of s over that mask, without storing any s.
+  // Returns area (K,) int64 and soft_sum (K,) float64. threshold is compared in the inputs' dtype.
+  // dynamic_mask_scores: kernels (K, E) and mask_feats (N, E, P) contiguous, one floating dtype;
+  // image (K,) int64 in [0, N), any order; s = sigmoid(kernels[k] . mask_feats[image[k]]).
+  m.def(
+      "dynamic_mask_scores(Tensor kernels, Tensor mask_feats, Tensor image, float threshold) "
+      "-> (Tensor, Tensor)");
+  // decoupled_mask_scores: x_probs, y_probs (N, C, P) probabilities (the levels' upsampled
+  // sigmoid maps concatenated along C) in one floating dtype; image, row, col (K,) int64;
+  // s = y_probs[image[k], row[k]] * x_probs[image[k], col[k]].
+  m.def(
+      "decoupled_mask_scores(Tensor x_probs, Tensor y_probs, Tensor image, Tensor row, "
+      "Tensor col, float threshold) -> (Tensor, Tensor)");
 }
 
 namespace {

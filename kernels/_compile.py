@@ -229,6 +229,53 @@ def _dynamic_mask_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
         entries.append(CompileEntry(
             kernel="_dmd_bwd_kernels_kernel", variant=variant, signature=signature,
             constexprs=config, aligned=tuple(n for n in signature if n.endswith("_ptr")) + sizes,
+
+def _dynamic_mask_scores_entries(module: ModuleType) -> list[CompileEntry]:
+    import torch
+
+    dtypes = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    entries = []
+    # (features, pixel and channel counts multiples of 16): SOLOv2's E = 256 and stride-4 maps of
+    # 32-aligned images are; one variant checks the masked loads of other sizes.
+    for feats, aligned_sizes in (("fp32", True), ("fp64", True), ("fp16", True), ("fp32", False)):
+        config = module.launch_config(dtypes[feats])
+        sizes = ("num_channels", "num_pixels") if aligned_sizes else ()
+        entries.append(CompileEntry(
+            kernel="_dynamic_mask_scores_kernel",
+            variant=f"{feats}" + ("" if aligned_sizes else ", E, P % 16 != 0"),
+            signature={"kernels_ptr": f"*{feats}", "feats_ptr": f"*{feats}",
+                       "tile_image_ptr": "*i64", "row_begin_ptr": "*i64", "row_end_ptr": "*i64",
+                       "threshold_ptr": f"*{feats}", "area_ptr": "*i32", "soft_ptr": "*fp64",
+                       "num_channels": "i32", "num_pixels": "i32", "num_chunks": "i32",
+                       "tiles_per_chunk": "i32"},
+            constexprs={"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+                        "BLOCK_K": config["BLOCK_K"],
+                        "INPUT_PRECISION": module._input_precision(dtypes[feats])},
+            aligned=("kernels_ptr", "feats_ptr", "tile_image_ptr", "row_begin_ptr",
+                     "row_end_ptr", "area_ptr", "soft_ptr") + sizes,
+            num_warps=config["num_warps"]))
+    return entries
+
+
+def _decoupled_mask_scores_entries(module: ModuleType) -> list[CompileEntry]:
+    import torch
+
+    dtypes = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    entries = []
+    # (probabilities, pixel counts multiples of 16): as the dice loss.
+    for probs, aligned_sizes in (("fp32", True), ("fp64", True), ("fp16", True), ("fp32", False)):
+        block, num_warps = module.launch_config(dtypes[probs])
+        sizes = ("num_pixels", "pixels_per_chunk") if aligned_sizes else ("pixels_per_chunk",)
+        entries.append(CompileEntry(
+            kernel="_decoupled_mask_scores_kernel",
+            variant=f"{probs}" + ("" if aligned_sizes else ", P % 16 != 0"),
+            signature={"x_ptr": f"*{probs}", "y_ptr": f"*{probs}", "image_ptr": "*i64",
+                       "row_ptr": "*i64", "col_ptr": "*i64", "threshold_ptr": f"*{probs}",
+                       "area_ptr": "*i32", "soft_ptr": "*fp64", "num_channels": "i32",
+                       "num_pixels": "i32", "num_chunks": "i32", "pixels_per_chunk": "i32"},
+            constexprs={"BLOCK": block},
+            aligned=("x_ptr", "y_ptr", "image_ptr", "row_ptr", "col_ptr", "threshold_ptr",
+                     "area_ptr", "soft_ptr") + sizes,
             num_warps=num_warps))
     return entries
 
@@ -240,6 +287,8 @@ COMPILE_TABLE = {
     "decoupled_dice_loss": _decoupled_dice_loss_entries,
     "matrix_nms": _matrix_nms_entries,
     "dynamic_mask_dice_loss": _dynamic_mask_dice_loss_entries,
+    "dynamic_mask_scores": _dynamic_mask_scores_entries,
+    "decoupled_mask_scores": _decoupled_mask_scores_entries,
 }
 
 

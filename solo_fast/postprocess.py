@@ -13,8 +13,9 @@ One object per family, all sharing the same steps:
 6. the kept soft masks resized bilinearly to the padded canvas, cropped to the image, resized to
    the original size and thresholded; boxes are the tight boxes of those masks.
 
-Every step reproduces mmdetection 3.3's ``predict_by_feat`` operation for operation, so the
-results are mmdetection's, with two deliberate differences: matrix-NMS ties are ordered by input
+Two paths compute this. The **reference path** (``backend="reference"``, the code of this module)
+reproduces mmdetection 3.3's ``predict_by_feat`` operation for operation, so its results are
+mmdetection's, with two deliberate differences: matrix-NMS ties are ordered by input
 index (:func:`~solo_fast.ops.reference.matrix_nms_reference`), and the boxes are computed from the
 masks (mmdetection returns zeros).
 
@@ -23,6 +24,11 @@ resize of the mask probabilities to stride 4, sigmoid + points NMS of the class 
 solo_fast's heads always return logits, so those steps live here (:func:`prepare_mask_probs`,
 :func:`prepare_cls_scores`). ``process_prepared`` takes probabilities prepared that way, e.g.
 outputs of mmdetection's eval-mode forward.
+
+The **fused path** (:mod:`solo_fast.postprocess_fused`; the default, ``backend=None``, or the name
+of an op backend) scores every candidate of the batch with one fused op and materialises masks only
+for the nms_pre and max_per_img survivors; its results equal the reference path's with scores to
+~1e-7 (float64 maskness sums). Both return bool masks or, with ``mask_format="rle"``, COCO RLE.
 """
 
 # N=images, L=levels, S=grid side of a level, G=cells of all levels (sum of S_l^2), C=classes,
@@ -40,7 +46,17 @@ from torch import Tensor
 
 from solo_fast.config import ModelConfig, TestConfig
 from solo_fast.models.common import points_nms
+from solo_fast.ops import BACKENDS
 from solo_fast.ops.reference import matrix_nms_reference
+from solo_fast.postprocess_fused import (
+    MASK_FORMATS,
+    MaskSource,
+    chunked_source,
+    decoupled_source,
+    dynamic_source,
+    encode_rle,
+    predict_fused,
+)
 
 __all__ = [
     "Candidates",
@@ -163,13 +179,22 @@ class _PostProcessor:
         strides: Per-level stride of the small-mask filter (area > stride, in stride-4 pixels).
         mask_stride: Stride of the level-0 mask map (SOLOv2: of the mask features); the padded
             canvas is mask_stride x its size.
+        backend: ``"reference"``: the reference path (mmdetection's order of operations, every
+            candidate's soft mask materialised). None (default): the fused path, its ops on their
+            default backend. ``"cpu"``, ``"cuda"``, ``"triton"``: the fused path, its ops on that
+            backend. An attribute: set ``processor.backend`` (e.g. ``model.postprocess.backend``)
+            to switch later.
     """
 
     def __init__(self, *, test_cfg: TestConfig, num_grids: Sequence[int],
-                 strides: Sequence[int], mask_stride: int = 4) -> None:
+                 strides: Sequence[int], mask_stride: int = 4, backend: str | None = None) -> None:
         if len(num_grids) != len(strides):
             raise ValueError(f"num_grids and strides need one entry per level, got "
                              f"{len(num_grids)} and {len(strides)}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, "
+                             f"got {backend!r}")
+        self.backend = backend
         self.test_cfg = test_cfg
         self.num_grids = tuple(int(s) for s in num_grids)
         self.strides = tuple(int(s) for s in strides)
@@ -180,7 +205,8 @@ class _PostProcessor:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(test_cfg={self.test_cfg!r}, num_grids={self.num_grids}, "
-                f"strides={self.strides}, mask_stride={self.mask_stride})")
+                f"strides={self.strides}, mask_stride={self.mask_stride}, "
+                f"backend={self.backend!r})")
 
     # ------------------------------------------------------------------------------- stages
 
@@ -202,16 +228,33 @@ class _PostProcessor:
         return Candidates(image, cell, level, label, flat[image, cell, label])
 
     def _run(self, cls_scores: Sequence[Tensor],
-             candidate_masks: Callable[[Candidates], Tensor], image_sizes: Size,
-             original_sizes: Size, trace: list | None) -> list[dict[str, Tensor]]:
-        """Candidates from prepared class scores, their soft masks, then steps 4-6."""
+             candidate_masks: Callable[[Candidates], Tensor],
+             mask_source: Callable[[Candidates], MaskSource], image_sizes: Size,
+             original_sizes: Size, trace: list | None, mask_format: str) -> list[dict[str, Any]]:
+        """Candidates from prepared class scores, then the reference path (their soft masks,
+        steps 4-6) or the fused path (their mask source)."""
         batch = cls_scores[0].shape[0] if len(cls_scores) else 0
         if len(image_sizes) != batch or len(original_sizes) != batch:
             raise ValueError(f"image_sizes and original_sizes need one (h, w) per image of the "
                              f"batch ({batch}), got {len(image_sizes)} and {len(original_sizes)}")
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, "
+                             f"got {self.backend!r}")
         candidates = self.select_candidates(cls_scores)
-        return self._predict(candidate_masks(candidates), candidates, image_sizes,
-                             original_sizes, trace)
+        if self.backend != "reference":
+            if trace is not None:
+                raise ValueError("trace records the reference path's intermediate values: "
+                                 "use backend='reference' with trace")
+            return predict_fused(self, candidates, mask_source(candidates), image_sizes,
+                                 original_sizes, backend=self.backend, mask_format=mask_format)
+        results = self._predict(candidate_masks(candidates), candidates, image_sizes,
+                                original_sizes, trace)
+        if mask_format == "rle":
+            for result in results:
+                result["masks"] = encode_rle(result["masks"])
+        return results
 
     def _local_cells(self, candidates: Candidates) -> Tensor:
         return candidates.cell - self._level_start.to(candidates.cell.device)[candidates.level]
@@ -293,7 +336,7 @@ class SOLOPostProcessor(_PostProcessor):
     """
 
     def __call__(self, outputs: Any, image_sizes: Size, original_sizes: Size, *,
-                 trace: list | None = None) -> list[dict[str, Tensor]]:
+                 mask_format: str = "bool", trace: list | None = None) -> list[dict[str, Any]]:
         """Instances per image from raw SOLO outputs.
 
         Args:
@@ -302,43 +345,55 @@ class SOLOPostProcessor(_PostProcessor):
                 tensors (N, C, S_l, S_l) of class logits.
             image_sizes: N pairs (h, w): the resized image inside the padded canvas.
             original_sizes: N pairs (H0, W0): the size to return the masks at.
+            mask_format: ``"bool"``: masks as one bool tensor per image; ``"rle"``: as a list of
+                COCO RLE dicts ``{"size": [H0, W0], "counts": str}`` (pycocotools, ``json``-ready),
+                encoded chunk by chunk on the fused path.
             trace: If a list, one dict of intermediate values per image is appended to it
                 (``candidates``, ``maskness``, ``nms_input``, ``nms_output``), for tests and
-                debugging.
+                debugging. Reference path only (``backend="reference"``).
 
         Returns:
-            Per image ``{"masks": bool (K, H0, W0), "labels": int64 (K,), "scores": float32
-            (K,), "boxes": float32 (K, 4)}`` by decayed score (descending). Boxes are the tight
-            xyxy boxes of the masks in original-image pixels (x2, y2 exclusive), zero for an
-            empty mask. K may be 0.
+            Per image ``{"masks": bool (K, H0, W0) or K RLE dicts, "labels": int64 (K,),
+            "scores": float32 (K,), "boxes": float32 (K, 4)}`` by decayed score (descending).
+            Boxes are the tight xyxy boxes of the masks in original-image pixels (x2, y2
+            exclusive), zero for an empty mask. K may be 0.
+
+        Raises:
+            ValueError: outputs of the wrong shapes or number of levels, sizes not one per
+                image, an unknown mask_format or backend, or trace on the fused path.
         """
         self._check_levels(outputs.mask_preds, "mask_preds", lambda s: s * s)
         return self._run(prepare_cls_scores(outputs.cls_preds),
                          lambda c: self._gather(outputs.mask_preds, c, activate=True),
-                         image_sizes, original_sizes, trace)
+                         lambda c: self._source(outputs.mask_preds, c, activate=True),
+                         image_sizes, original_sizes, trace, mask_format)
 
     def process_prepared(self, *, mask_probs: Sequence[Tensor], cls_scores: Sequence[Tensor],
-                         image_sizes: Size, original_sizes: Size,
-                         trace: list | None = None) -> list[dict[str, Tensor]]:
+                         image_sizes: Size, original_sizes: Size, mask_format: str = "bool",
+                         trace: list | None = None) -> list[dict[str, Any]]:
         """Instances from eval-mode-prepared tensors, e.g. mmdetection's eval-mode SOLO outputs.
 
         Args:
             mask_probs: L tensors (N, S_l^2, H4, W4): :func:`prepare_mask_probs` of each level.
                 Only the candidates' channels are read.
             cls_scores: L tensors (N, C, S_l, S_l): :func:`prepare_cls_scores`.
-            image_sizes, original_sizes, trace: As for ``__call__``.
+            image_sizes, original_sizes, mask_format, trace: As for ``__call__``.
 
         Returns:
             As ``__call__``.
         """
         self._check_levels(mask_probs, "mask_probs", lambda s: s * s)
         return self._run(cls_scores, lambda c: self._gather(mask_probs, c, activate=False),
-                         image_sizes, original_sizes, trace)
+                         lambda c: self._source(mask_probs, c, activate=False),
+                         image_sizes, original_sizes, trace, mask_format)
 
-    def _gather(self, levels: Sequence[Tensor], candidates: Candidates, *,
-                activate: bool) -> Tensor:
-        """(K, H4, W4) candidate masks from per-level logits (activate) or probabilities."""
+    def _gather(self, levels: Sequence[Tensor], candidates: Candidates, *, activate: bool,
+                subset: Tensor | None = None) -> Tensor:
+        """(K, H4, W4) candidate masks from per-level logits (activate) or probabilities; only
+        those of the candidates ``subset`` (k,) if given, (k, H4, W4)."""
         size = tuple(levels[0].shape[-2:])
+        if subset is not None:
+            candidates = Candidates(*(t[subset] for t in candidates))
         soft = levels[0].new_empty((len(candidates.cell), *size))  # (K, H4, W4)
         local = self._local_cells(candidates)
         for level, maps in enumerate(levels):
@@ -348,6 +403,12 @@ class SOLOPostProcessor(_PostProcessor):
             chosen = maps[candidates.image[index], local[index]]  # (K_l, h, w)
             soft[index] = prepare_mask_probs(chosen[None], size)[0] if activate else chosen
         return soft
+
+    def _source(self, levels: Sequence[Tensor], candidates: Candidates, *,
+                activate: bool) -> MaskSource:
+        return chunked_source(
+            lambda index: self._gather(levels, candidates, activate=activate, subset=index),
+            len(candidates.cell), tuple(levels[0].shape[-2:]), candidates.cell.device)
 
 
 class DecoupledSOLOPostProcessor(_PostProcessor):
@@ -361,7 +422,7 @@ class DecoupledSOLOPostProcessor(_PostProcessor):
     """
 
     def __call__(self, outputs: Any, image_sizes: Size, original_sizes: Size, *,
-                 trace: list | None = None) -> list[dict[str, Tensor]]:
+                 mask_format: str = "bool", trace: list | None = None) -> list[dict[str, Any]]:
         """Instances per image from raw Decoupled SOLO outputs.
 
         Args:
@@ -371,25 +432,34 @@ class DecoupledSOLOPostProcessor(_PostProcessor):
                 ``cls_preds``, L tensors (N, C, S_l, S_l) of class logits.
             image_sizes: N pairs (h, w): the resized image inside the padded canvas.
             original_sizes: N pairs (H0, W0): the size to return the masks at.
+            mask_format: ``"bool"``: masks as one bool tensor per image; ``"rle"``: as a list of
+                COCO RLE dicts ``{"size": [H0, W0], "counts": str}`` (pycocotools, ``json``-ready),
+                encoded chunk by chunk on the fused path.
             trace: If a list, one dict of intermediate values per image is appended to it
                 (``candidates``, ``maskness``, ``nms_input``, ``nms_output``), for tests and
-                debugging.
+                debugging. Reference path only (``backend="reference"``).
 
         Returns:
-            Per image ``{"masks": bool (K, H0, W0), "labels": int64 (K,), "scores": float32
-            (K,), "boxes": float32 (K, 4)}`` by decayed score (descending). Boxes are the tight
-            xyxy boxes of the masks in original-image pixels (x2, y2 exclusive), zero for an
-            empty mask. K may be 0.
+            Per image ``{"masks": bool (K, H0, W0) or K RLE dicts, "labels": int64 (K,),
+            "scores": float32 (K,), "boxes": float32 (K, 4)}`` by decayed score (descending).
+            Boxes are the tight xyxy boxes of the masks in original-image pixels (x2, y2
+            exclusive), zero for an empty mask. K may be 0.
+
+        Raises:
+            ValueError: outputs of the wrong shapes or number of levels, sizes not one per
+                image, an unknown mask_format or backend, or trace on the fused path.
         """
         return self._run(
             prepare_cls_scores(outputs.cls_preds),
             lambda c: self._products(outputs.mask_preds_x, outputs.mask_preds_y, c,
                                      activate=True),
-            image_sizes, original_sizes, trace)
+            lambda c: self._source(outputs.mask_preds_x, outputs.mask_preds_y, c, activate=True),
+            image_sizes, original_sizes, trace, mask_format)
 
     def process_prepared(self, *, mask_probs_x: Sequence[Tensor], mask_probs_y: Sequence[Tensor],
                          cls_scores: Sequence[Tensor], image_sizes: Size, original_sizes: Size,
-                         trace: list | None = None) -> list[dict[str, Tensor]]:
+                         mask_format: str = "bool",
+                         trace: list | None = None) -> list[dict[str, Any]]:
         """Instances from eval-mode-prepared tensors, e.g. mmdetection's eval-mode Decoupled
         outputs.
 
@@ -397,7 +467,7 @@ class DecoupledSOLOPostProcessor(_PostProcessor):
             mask_probs_x, mask_probs_y: L tensors (N, S_l, H4, W4): :func:`prepare_mask_probs` of
                 each level of each branch. Only the candidates' columns and rows are read.
             cls_scores: L tensors (N, C, S_l, S_l): :func:`prepare_cls_scores`.
-            image_sizes, original_sizes, trace: As for ``__call__``.
+            image_sizes, original_sizes, mask_format, trace: As for ``__call__``.
 
         Returns:
             As ``__call__``.
@@ -405,7 +475,8 @@ class DecoupledSOLOPostProcessor(_PostProcessor):
         return self._run(
             cls_scores,
             lambda c: self._products(mask_probs_x, mask_probs_y, c, activate=False),
-            image_sizes, original_sizes, trace)
+            lambda c: self._source(mask_probs_x, mask_probs_y, c, activate=False),
+            image_sizes, original_sizes, trace, mask_format)
 
     def _products(self, levels_x: Sequence[Tensor], levels_y: Sequence[Tensor],
                   candidates: Candidates, *, activate: bool) -> Tensor:
@@ -425,6 +496,36 @@ class DecoupledSOLOPostProcessor(_PostProcessor):
             y = self._branch(levels_y[level], image, row, size, activate)  # (K_l, H4, W4)
             soft[index] = x * y
         return soft
+
+    def _source(self, levels_x: Sequence[Tensor], levels_y: Sequence[Tensor],
+                candidates: Candidates, *, activate: bool) -> MaskSource:
+        """The distinct X and Y maps the candidates use (prepared as ``_products`` prepares
+        them, so the same values), in one (U, H4, W4) tensor, and each candidate's two maps."""
+        self._check_levels(levels_x, "mask_preds_x", lambda s: s)
+        self._check_levels(levels_y, "mask_preds_y", lambda s: s)
+        size = tuple(levels_x[0].shape[-2:])
+        local = self._local_cells(candidates)
+        row, col = torch.zeros_like(local), torch.zeros_like(local)  # (K,) into the maps
+        pairs = []  # per level and branch: (maps, image, channel, the candidates' map index)
+        for level, grid in enumerate(self.num_grids):
+            index = (candidates.level == level).nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            image = candidates.image[index]
+            pairs += [(levels_x[level], image, local[index] % grid, col, index),
+                      (levels_y[level], image, local[index] // grid, row, index)]
+        # each level's maps written into one preallocated tensor (a cat would copy them all)
+        distinct = [torch.unique(image * maps.shape[1] + channel, return_inverse=True)
+                    for maps, image, channel, _, _ in pairs]
+        probs = levels_x[0].new_empty((sum(len(d[0]) for d in distinct), *size))  # (U, H4, W4)
+        offset = 0
+        for (maps, image, channel, which, index), (unique, inverse) in zip(pairs, distinct):
+            chosen = maps[unique // maps.shape[1], unique % maps.shape[1]]  # (U_l, h, w)
+            probs[offset:offset + len(unique)] = (
+                prepare_mask_probs(chosen[None], size)[0] if activate else chosen)
+            which[index] = inverse + offset
+            offset += len(unique)
+        return decoupled_source(probs, row, col)
 
     @staticmethod
     def _branch(maps: Tensor, image: Tensor, channel: Tensor, size: tuple[int, int],
@@ -448,7 +549,7 @@ class SOLOv2PostProcessor(_PostProcessor):
     """
 
     def __call__(self, outputs: Any, image_sizes: Size, original_sizes: Size, *,
-                 trace: list | None = None) -> list[dict[str, Tensor]]:
+                 mask_format: str = "bool", trace: list | None = None) -> list[dict[str, Any]]:
         """Instances per image from raw SOLOv2 outputs.
 
         Args:
@@ -457,33 +558,49 @@ class SOLOv2PostProcessor(_PostProcessor):
                 ``mask_feats``, (N, E, H4, W4).
             image_sizes: N pairs (h, w): the resized image inside the padded canvas.
             original_sizes: N pairs (H0, W0): the size to return the masks at.
+            mask_format: ``"bool"``: masks as one bool tensor per image; ``"rle"``: as a list of
+                COCO RLE dicts ``{"size": [H0, W0], "counts": str}`` (pycocotools, ``json``-ready),
+                encoded chunk by chunk on the fused path.
             trace: If a list, one dict of intermediate values per image is appended to it
                 (``candidates``, ``maskness``, ``nms_input``, ``nms_output``), for tests and
-                debugging.
+                debugging. Reference path only (``backend="reference"``).
 
         Returns:
-            Per image ``{"masks": bool (K, H0, W0), "labels": int64 (K,), "scores": float32
-            (K,), "boxes": float32 (K, 4)}`` by decayed score (descending). Boxes are the tight
-            xyxy boxes of the masks in original-image pixels (x2, y2 exclusive), zero for an
-            empty mask. K may be 0.
+            Per image ``{"masks": bool (K, H0, W0) or K RLE dicts, "labels": int64 (K,),
+            "scores": float32 (K,), "boxes": float32 (K, 4)}`` by decayed score (descending).
+            Boxes are the tight xyxy boxes of the masks in original-image pixels (x2, y2
+            exclusive), zero for an empty mask. K may be 0.
+
+        Raises:
+            ValueError: outputs of the wrong shapes or number of levels, sizes not one per
+                image, an unknown mask_format or backend, or trace on the fused path.
         """
         mask_feats = outputs.mask_feats
         # Only 1x1 dynamic kernels (dynamic_conv_size = 1, every config): E values per cell.
         self._check_levels(outputs.kernel_preds, "kernel_preds", lambda s: mask_feats.shape[1])
-        return self._run(prepare_cls_scores(outputs.cls_preds),
-                         lambda c: self._dynamic_masks(outputs.kernel_preds, mask_feats, c),
-                         image_sizes, original_sizes, trace)
+        return self._run(
+            prepare_cls_scores(outputs.cls_preds),
+            lambda c: self._dynamic_masks(outputs.kernel_preds, mask_feats, c),
+            lambda c: dynamic_source(self._kernels(outputs.kernel_preds, mask_feats, c),
+                                     mask_feats, c.image),
+            image_sizes, original_sizes, trace, mask_format)
 
-    def _dynamic_masks(self, kernel_preds: Sequence[Tensor], mask_feats: Tensor,
-                       candidates: Candidates) -> Tensor:
-        """(K, H4, W4) sigmoid(kernel . mask_feats) of the candidates' cells."""
-        num = len(candidates.cell)
-        kernels = mask_feats.new_empty((num, mask_feats.shape[1]))  # (K, E)
+    def _kernels(self, kernel_preds: Sequence[Tensor], mask_feats: Tensor,
+                 candidates: Candidates) -> Tensor:
+        """(K, E) the dynamic kernels of the candidates' cells."""
+        kernels = mask_feats.new_empty((len(candidates.cell), mask_feats.shape[1]))  # (K, E)
         local = self._local_cells(candidates)
         for level, level_kernels in enumerate(kernel_preds):
             index = (candidates.level == level).nonzero().squeeze(1)
             flat = level_kernels.flatten(2)  # (N, E, S*S)
             kernels[index] = flat[candidates.image[index], :, local[index]]  # (K_l, E)
+        return kernels
+
+    def _dynamic_masks(self, kernel_preds: Sequence[Tensor], mask_feats: Tensor,
+                       candidates: Candidates) -> Tensor:
+        """(K, H4, W4) sigmoid(kernel . mask_feats) of the candidates' cells."""
+        num = len(candidates.cell)
+        kernels = self._kernels(kernel_preds, mask_feats, candidates)  # (K, E)
         soft = mask_feats.new_empty((num, *mask_feats.shape[-2:]))  # (K, H4, W4)
         counts = torch.bincount(candidates.image, minlength=mask_feats.shape[0]).tolist()
         start = 0
@@ -496,11 +613,18 @@ class SOLOv2PostProcessor(_PostProcessor):
         return soft
 
 
-def build_postprocessor(cfg: ModelConfig) -> SOLOPostProcessor | DecoupledSOLOPostProcessor | \
-        SOLOv2PostProcessor:
-    """The post-processing of a model config's family, with its grids, strides and test_cfg."""
+def build_postprocessor(cfg: ModelConfig, *, backend: str | None = None
+                        ) -> SOLOPostProcessor | DecoupledSOLOPostProcessor | SOLOv2PostProcessor:
+    """The post-processing of a model config's family, with its grids, strides and test_cfg.
+
+    Args:
+        cfg: The model config.
+        backend: None (default): the fused path; ``"reference"``: the reference path; another
+            backend name: the fused path with its ops on that backend (see ``_PostProcessor``).
+    """
     head = cfg.head
-    common = {"test_cfg": cfg.test, "num_grids": head.num_grids, "strides": head.strides}
+    common = {"test_cfg": cfg.test, "num_grids": head.num_grids, "strides": head.strides,
+              "backend": backend}
     if head.family == "solov2":
         return SOLOv2PostProcessor(**common, mask_stride=head.mask_stride)
     if head.family == "solo":

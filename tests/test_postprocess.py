@@ -1,5 +1,6 @@
-"""solo_fast.postprocess against mmdetection 3.3's ``predict_by_feat`` on the head fixtures
-(tests/fixtures/mmdet/head_<variant>.pt, README §5 "Inference (eval)")."""
+"""solo_fast.postprocess's reference path (``backend="reference"``) against mmdetection 3.3's
+``predict_by_feat`` on the head fixtures (tests/fixtures/mmdet/head_<variant>.pt, README §5
+"Inference (eval)"). The fused path is held to this one in test_postprocess_fused.py."""
 
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ def _test_cfg(fixture: dict) -> TestConfig:
                                                "kernel", "sigma", "max_per_img")})
 
 
-def _processor(fixture: dict):
+def _processor(fixture: dict, backend: str | None = "reference", test_cfg=None):
     kinds = {"solo": SOLOPostProcessor, "solov2": SOLOv2PostProcessor}
     kind = kinds.get(fixture["variant"], DecoupledSOLOPostProcessor)
     cfg = fixture["head_cfg"]
-    return kind(test_cfg=_test_cfg(fixture), num_grids=cfg["num_grids"], strides=cfg["strides"])
+    return kind(test_cfg=test_cfg or _test_cfg(fixture), num_grids=cfg["num_grids"],
+                strides=cfg["strides"], backend=backend)
 
 
 def _sizes(fixture: dict) -> tuple[list, list]:
@@ -84,25 +86,28 @@ def _dense(encoded: dict) -> Tensor:
     return dense
 
 
-def _predict(fixture: dict, trace: list | None = None, images: slice = slice(None)) -> list[dict]:
-    """The post-processing of the fixture's eval outputs (mmdetection's eval-mode forward)."""
+def _predict(fixture: dict, trace: list | None = None, images: slice = slice(None),
+             processor=None, **kwargs) -> list[dict]:
+    """The post-processing of the fixture's eval outputs (mmdetection's eval-mode forward), by
+    ``processor`` (default: the reference path); kwargs go to the call (mask_format)."""
     outputs = fixture["eval"]["outputs"]
-    processor = _processor(fixture)
+    processor = processor or _processor(fixture)
     image_sizes, original_sizes = (sizes[images] for sizes in _sizes(fixture))
     cls = [t[images] for t in outputs["mlvl_cls_preds"]]
     if fixture["variant"] == "solov2":  # eval outputs = raw outputs
         raw = SOLOv2Output([t[images] for t in outputs["mlvl_kernel_preds"]], cls,
                            outputs["mask_feats"][images])
-        return processor(raw, image_sizes, original_sizes, trace=trace)
+        return processor(raw, image_sizes, original_sizes, trace=trace, **kwargs)
     probs = {key: [_dense(t)[images] for t in outputs[key]]
              for key in MASK_KEYS[fixture["variant"]]}
     if fixture["variant"] == "solo":
         return processor.process_prepared(mask_probs=probs["mlvl_mask_preds"], cls_scores=cls,
                                           image_sizes=image_sizes, original_sizes=original_sizes,
-                                          trace=trace)
+                                          trace=trace, **kwargs)
     return processor.process_prepared(
         mask_probs_x=probs["mlvl_mask_preds_x"], mask_probs_y=probs["mlvl_mask_preds_y"],
-        cls_scores=cls, image_sizes=image_sizes, original_sizes=original_sizes, trace=trace)
+        cls_scores=cls, image_sizes=image_sizes, original_sizes=original_sizes, trace=trace,
+        **kwargs)
 
 
 # --------------------------------------------------------------------- against mmdetection
@@ -280,7 +285,8 @@ def test_raw_outputs_give_the_results_of_prepared_outputs(family):
     grids = (10, 8, 6, 4, 3)
     outputs = _random_outputs(family, grids=grids, canvas=(256, 320))
     kind = SOLOPostProcessor if family == "solo" else DecoupledSOLOPostProcessor
-    processor = kind(test_cfg=TestConfig(), num_grids=grids, strides=(8, 8, 16, 32, 32))
+    processor = kind(test_cfg=TestConfig(), num_grids=grids, strides=(8, 8, 16, 32, 32),
+                     backend="reference")
     sizes = {"image_sizes": [(256, 300), (200, 320)], "original_sizes": [(128, 150), (300, 480)]}
     trace_raw, trace_prepared = [], []
     raw = processor(outputs, sizes["image_sizes"], sizes["original_sizes"], trace=trace_raw)
@@ -361,6 +367,8 @@ def test_build_postprocessor_per_family():
         assert type(processor) is kinds[cfg.head.family], name
         assert processor.num_grids == cfg.head.num_grids and processor.test_cfg == cfg.test
         assert type(processor).__name__ in repr(processor)
+        assert processor.backend is None and "backend=None" in repr(processor)
+        assert build_postprocessor(cfg, backend="reference").backend == "reference"
 
 
 def test_bad_arguments():

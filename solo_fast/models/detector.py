@@ -34,7 +34,8 @@ class SOLODetector(nn.Module):
         neck: C2..C5 -> P2..P6.
         head: P2..P6 -> the family's raw outputs (a NamedTuple of per-level tensors).
         criterion: (outputs, targets) -> dict of named losses (:mod:`solo_fast.losses`).
-        postprocess: (outputs, image_sizes, original_sizes) -> instances per image.
+        postprocess: (outputs, image_sizes, original_sizes, *, mask_format) -> instances per
+            image (:func:`solo_fast.postprocess.build_postprocessor`).
     """
 
     def __init__(self, *, backbone: nn.Module, neck: nn.Module, head: nn.Module,
@@ -73,21 +74,30 @@ class SOLODetector(nn.Module):
         return self.criterion(outputs, targets)
 
     def predict(self, outputs, image_sizes: Sequence[tuple[int, int]],
-                original_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+                original_sizes: Sequence[tuple[int, int]], *,
+                mask_format: str = "bool") -> list[dict[str, Any]]:
         """Instances per image.
+
+        The post-processing runs its fused path unless built with ``backend="reference"``
+        (:func:`solo_fast.postprocess.build_postprocessor`); switch an existing model with
+        ``model.postprocess.backend = "reference"`` (or an op backend name, or None).
 
         Args:
             outputs: ``self(images)``, in eval mode.
             image_sizes: (h, w) of each image inside the padded canvas (resized, before padding).
             original_sizes: (h, w) to return the masks at (the images before resizing).
+            mask_format: ``"bool"``: masks as a bool tensor per image; ``"rle"``: as a list of
+                COCO RLE dicts (``{"size": [H0, W0], "counts": str}``, ``json``-ready), encoded
+                a few masks at a time so the full-size bool masks never all exist at once.
 
         Returns:
-            Per image ``{"masks": bool (K, H0, W0), "labels": int64 (K,), "scores": float (K,),
-            "boxes": float (K, 4)}``, boxes being the tight boxes of the masks.
+            Per image ``{"masks": bool (K, H0, W0) or K RLE dicts, "labels": int64 (K,),
+            "scores": float (K,), "boxes": float (K, 4)}``, boxes being the tight boxes of the
+            masks.
         """
         if self.postprocess is None:
             raise RuntimeError(f"{type(self).__name__} was built without a post-processing")
-        return self.postprocess(outputs, image_sizes, original_sizes)
+        return self.postprocess(outputs, image_sizes, original_sizes, mask_format=mask_format)
 
 
 def check_supported(cfg: ModelConfig) -> None:

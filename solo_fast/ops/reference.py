@@ -7,10 +7,12 @@ Every compiled or Triton backend is tested against these; autograd differentiate
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["decoupled_dice_loss_reference", "dice_loss_reference",
-           "dynamic_mask_dice_loss_reference", "matrix_nms_reference"]
+__all__ = ["decoupled_dice_loss_reference", "decoupled_mask_scores_reference",
+           "dice_loss_reference", "dynamic_mask_dice_loss_reference",
+           "dynamic_mask_scores_reference", "matrix_nms_reference"]
 
 
 def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
@@ -221,3 +223,66 @@ def _empty_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (scores.new_zeros(0), labels.new_zeros(0), masks.new_zeros(0, *masks.shape[-2:]),
             torch.zeros(0, dtype=torch.int64, device=labels.device))
+
+
+def dynamic_mask_scores_reference(kernels: Tensor, mask_feats: Tensor, image: Tensor, *,
+                                  threshold: float) -> tuple[Tensor, Tensor]:
+    """Area and soft sum of SOLOv2's candidate masks (mmdetection ``SOLOV2Head``, SPEC §9 3-6).
+
+    Per image, as mmdetection does: the candidates' soft masks are the 1 x 1 convolution of the
+    image's mask features with their dynamic kernels, then a sigmoid; the binary mask is
+    ``soft > threshold``. Every soft mask is materialised (K x H x W), which is what the fused
+    backends avoid.
+
+    Args:
+        kernels: (K, E) floating dynamic kernels of the candidates.
+        mask_feats: (N, E, H, W) mask features, kernels' dtype.
+        image: (K,) int64 in [0, N), the image of each candidate, any order.
+        threshold: the mask threshold (mmdetection's ``mask_thr``, 0.5), compared in the soft
+            masks' dtype.
+
+    Returns:
+        ``(area, soft_sum)``: area (K,) int64, the pixel count of ``soft > threshold``;
+        soft_sum (K,) float64, the sum of ``soft`` over those pixels.
+    """
+    # K=candidates, E=mask-feature channels, N=images, H, W=mask-map size
+    num = kernels.shape[0]
+    area = torch.zeros(num, dtype=torch.int64, device=kernels.device)
+    soft_sum = torch.zeros(num, dtype=torch.float64, device=kernels.device)
+    if mask_feats.shape[-2:].numel() == 0:  # no pixel: F.conv2d would reject the empty map
+        return area, soft_sum
+    for n in range(mask_feats.shape[0]):
+        members = (image == n).nonzero().squeeze(1)
+        if members.numel() == 0:
+            continue
+        weight = kernels[members][:, :, None, None]  # (K_n, E, 1, 1)
+        soft = F.conv2d(mask_feats[n:n + 1], weight).sigmoid()[0]  # (K_n, H, W)
+        masks = soft > threshold
+        area[members] = masks.sum((1, 2))
+        soft_sum[members] = (soft * masks).sum((1, 2), dtype=torch.float64)
+    return area, soft_sum
+
+
+def decoupled_mask_scores_reference(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: Tensor,
+                                    col: Tensor, *, threshold: float) -> tuple[Tensor, Tensor]:
+    """Area and soft sum of Decoupled SOLO's candidate masks (mmdetection
+    ``DecoupledSOLOHead``, SPEC §9 3-6).
+
+    The soft mask of candidate k is ``y_probs[n, i] * x_probs[n, j]`` with n, i, j =
+    ``image[k], row[k], col[k]`` (channels of the levels' concatenated maps); the binary mask is
+    ``soft > threshold``. Every soft mask is materialised (K x H x W).
+
+    Args:
+        x_probs: (N, C, H, W) floating probabilities of the X branch (sigmoid, upsampled).
+        y_probs: (N, C, H, W) probabilities of the Y branch, x_probs' dtype.
+        image: (K,) int64 in [0, N), the image of each candidate.
+        row: (K,) int64 in [0, C), the Y channel of each candidate.
+        col: (K,) int64 in [0, C), the X channel of each candidate.
+        threshold: the mask threshold, compared in the soft masks' dtype.
+
+    Returns:
+        ``(area, soft_sum)`` as :func:`dynamic_mask_scores_reference`.
+    """
+    soft = y_probs[image, row] * x_probs[image, col]  # (K, H, W)
+    masks = soft > threshold
+    return masks.sum((1, 2)), (soft * masks).sum((1, 2), dtype=torch.float64)

@@ -27,6 +27,8 @@ OP_KERNELS = {
                    "_matrix_nms_decay_kernel"},
     "dynamic_mask_dice_loss": {"_dmd_fwd_kernel", "_dmd_bwd_feats_kernel",
                                "_dmd_bwd_kernels_kernel"},
+    "dynamic_mask_scores": {"_dynamic_mask_scores_kernel"},
+    "decoupled_mask_scores": {"_decoupled_mask_scores_kernel"},
 }
 
 # The installed package is solo_fast.kernels; the source tree has it as the top-level `kernels`.

@@ -1,0 +1,268 @@
+"""Triton kernel of SOLOv2's candidate mask scoring, and its host launcher.
+
+Candidate k of image n has the soft mask s = sigmoid(kernels[k] . mask_feats[n]) over the P pixels
+of the mask map (SPEC §9 step 3). Inference needs of it only two numbers per candidate:
+area[k] = #{s > threshold} and soft_sum[k] = sum of s over those pixels (maskness = soft_sum /
+area). mmdetection materialises every soft mask (K x P floats) to get them; here they come out of
+the epilogue of a tiled GEMM and nothing of size K x P is stored.
+
+Layout: the candidates are sorted stably by image (on the host), so that a tile of BLOCK_M
+consecutive sorted candidates shares one image and the tile is an ordinary GEMM
+(BLOCK_M x E) @ (E x BLOCK_N). Grid axis 0 walks the candidate tiles fastest, so the programs in
+flight at one time read the same pixel tile of mask_feats (from L2, not DRAM); axis 1 walks chunks
+of pixel tiles. Each program writes one partial (area, soft_sum) per candidate and chunk, summed on
+the host in float64 in a fixed order: the result does not depend on scheduling.
+
+The per-pixel arithmetic is that of ``csrc/dynamic_mask_scores.h`` (the C++ and CUDA kernels),
+operation for operation: torch's ``1 / (1 + exp(-z))`` with the house exp polynomial of
+``kernels/dice_loss.py``, an IEEE division, z and s rounded to the input dtype and the threshold
+compared in it, so that the thresholded set matches ``sigmoid(z) > threshold`` up to pixels within
+a few ulp of the threshold.
+"""
+
+# N=images, E=mask-feature channels, K=candidates, P=pixels of a mask map, T=candidate tiles,
+# C=chunks of pixel tiles
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .dice_loss import _exp_nonpositive
+
+__all__ = ["dynamic_mask_scores", "launch_config"]
+
+# Grid axis 1 (chunks of pixel tiles) is limited to 65535 programs by CUDA.
+_MAX_GRID_Y = 65535
+
+_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit
+def _soft_above(z, threshold):
+    """(s, s > threshold): csrc/dynamic_mask_scores.h's soft_from_logit and in_mask.
+
+    z is in the input dtype, threshold in the compute dtype (float32 for float16/bfloat16, which
+    round s back to their dtype as torch stores it). For z >= 0, s = 1 / (1 + e) with
+    e = exp(-z) from the C++ kernels' exp polynomial; for z < 0 the equal e / (1 + e) with
+    e = exp(z); 0 where torch's float exp(-z) overflows.
+    """
+    if z.dtype == tl.float64:
+        zc = z
+    else:
+        zc = z.to(tl.float32)
+    negative = zc < 0
+    e = _exp_nonpositive(tl.where(negative, zc, -zc))
+    numerator = tl.where(negative, e, 1.0)
+    if zc.dtype == tl.float64:
+        s = numerator / (1.0 + e)
+    else:
+        # The IEEE division, as C++ and CUDA divide: Triton's `/` on float32 is a 2-ulp one.
+        s = tl.math.div_rn(numerator, 1.0 + e)
+        s = tl.where(zc < -88.7228394, 0.0, s)
+    s = s.to(z.dtype).to(zc.dtype)
+    return s, s > threshold
+
+
+@triton.jit
+def _dynamic_mask_scores_kernel(
+    kernels_ptr,  # (K, E) contiguous: the candidates' dynamic kernels, sorted stably by image
+    feats_ptr,  # (N, E, P) contiguous mask features, kernels' dtype
+    tile_image_ptr,  # (T,) int64: the image of each candidate tile
+    row_begin_ptr,  # (T,) int64: first sorted candidate of each tile
+    row_end_ptr,  # (T,) int64: end of the tile's image segment (the tile holds
+    #               [row_begin, min(row_begin + BLOCK_M, row_end)))
+    threshold_ptr,  # (1,) the threshold in kernels' dtype (as torch compares s > threshold)
+    area_ptr,  # (K, C) int32 out: thresholded pixels of each sorted candidate and chunk
+    soft_ptr,  # (K, C) float64 out: sum of s over those pixels
+    num_channels,  # E: the row stride of kernels
+    num_pixels,  # P: the channel stride of feats
+    num_chunks,  # C: the row stride of area and soft
+    tiles_per_chunk,  # pixel tiles (BLOCK_N each) per program
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot's: "ieee" for float32 (no TF32 rounding of z)
+):
+    tile = tl.program_id(0)
+    chunk = tl.program_id(1)
+    image = tl.load(tile_image_ptr + tile)
+    row_begin = tl.load(row_begin_ptr + tile)
+    row_end = tl.load(row_end_ptr + tile)
+    # int64 rows: K * E and K * C may pass 2^31.
+    rows = row_begin + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    channels = tl.arange(0, BLOCK_K)
+    acc_dtype: tl.constexpr = tl.float64 if kernels_ptr.dtype.element_ty == tl.float64 \
+        else tl.float32
+    threshold = tl.load(threshold_ptr).to(acc_dtype)
+    feats_image = feats_ptr + image * num_channels * num_pixels
+
+    area = tl.zeros([BLOCK_M], dtype=tl.int32)
+    soft = tl.zeros([BLOCK_M], dtype=tl.float64)
+    for tile_index in range(0, tiles_per_chunk):
+        cols = (chunk * tiles_per_chunk + tile_index) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_pixels
+        a_ptrs = kernels_ptr + rows[:, None] * num_channels + channels[None, :]
+        # Offsets inside one image stay 32-bit (BLOCK_K * P < 2^31); the image base is 64-bit.
+        b_ptrs = feats_image + channels[:, None] * num_pixels + cols[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        for k0 in range(0, num_channels, BLOCK_K):
+            k_ok = channels < num_channels - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * num_pixels
+        # z rounds to the input dtype, as the reference's matmul output does.
+        s, above = _soft_above(acc.to(kernels_ptr.dtype.element_ty), threshold)
+        keep = above & row_ok[:, None] & col_ok[None, :]
+        area += tl.sum(keep.to(tl.int32), axis=1)
+        soft += tl.sum(tl.where(keep, s.to(tl.float64), 0.0), axis=1)
+
+    out = rows * num_chunks + chunk
+    tl.store(area_ptr + out, area, mask=row_ok)
+    tl.store(soft_ptr + out, soft, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launcher
+
+
+def launch_config(dtype: torch.dtype) -> dict[str, object]:
+    """Tile sizes and warps of the kernel for features of ``dtype``.
+
+    float32 runs tl.dot in "ieee" precision (FMA, no TF32: z must round as a float32 matmul, or
+    pixels near the threshold flip). Its FMA lowering holds a BLOCK_K slice of both operands per
+    thread, so the tile is 64 x 64 on 8 warps: larger tiles spilled on sm_90 in the compile report
+    (64 x 128: 128 registers, 32 bytes of stack). float64 takes the same tile; float16/bfloat16
+    go to the tensor cores with 64 x 128 x 32 tiles.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp16/bf16 tiles go to the tensor cores unchanged; "ieee" only means something for float32.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _check_inputs(kernels: Tensor, mask_feats: Tensor, image: Tensor) -> None:
+    op = "dynamic_mask_scores"
+    if kernels.dim() != 2:
+        raise ValueError(f"{op}: kernels must be 2-D (K, E), got shape {tuple(kernels.shape)}")
+    if kernels.dtype not in _FEATURE_DTYPES:
+        raise TypeError(f"{op}: kernels must be float16, bfloat16, float32 or float64, "
+                        f"got {kernels.dtype}")
+    if mask_feats.dim() not in (3, 4) or mask_feats.shape[1] != kernels.shape[1]:
+        raise ValueError(f"{op}: mask_feats must be (N, E, P) or (N, E, H, W) with E = "
+                         f"{kernels.shape[1]}, got shape {tuple(mask_feats.shape)}")
+    if mask_feats.dtype != kernels.dtype:
+        raise TypeError(f"{op}: mask_feats must have kernels' dtype {kernels.dtype}, "
+                        f"got {mask_feats.dtype}")
+    if image.dim() != 1 or image.shape[0] != kernels.shape[0] or image.dtype != torch.int64:
+        raise ValueError(f"{op}: image must be int64 of shape (K,) = ({kernels.shape[0]},), "
+                         f"got {image.dtype} {tuple(image.shape)}")
+    for name, tensor in (("mask_feats", mask_feats), ("image", image)):
+        if tensor.device != kernels.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but kernels is on "
+                             f"{kernels.device}")
+
+
+def _grid_layout(num_pixels: int, block_n: int) -> tuple[int, int]:
+    """(tiles_per_chunk, num_chunks): one pixel tile per program unless CUDA's grid is short."""
+    num_tiles = -(-num_pixels // block_n)
+    tiles_per_chunk = -(-num_tiles // _MAX_GRID_Y)
+    return tiles_per_chunk, -(-num_tiles // tiles_per_chunk)
+
+
+def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, threshold: float, *,
+                        block_m: int | None = None, block_n: int | None = None,
+                        block_k: int | None = None) -> tuple[Tensor, Tensor]:
+    """Area and soft sum of every candidate's thresholded soft mask, without storing the masks.
+
+    Args:
+        kernels: (K, E) dynamic kernels; float16, bfloat16 (accumulated in float32), float32 or
+            float64; CUDA, or CPU under ``TRITON_INTERPRET=1`` (no bfloat16 there).
+        mask_feats: (N, E, P) or (N, E, H, W) mask features, kernels' dtype and device.
+        image: (K,) int64 in [0, N): the image of each candidate, in any order.
+        threshold: s counts where ``s > threshold`` (compared in kernels' dtype, as torch does).
+        block_m, block_n, block_k: tile sizes (powers of two, at least 16); None:
+            ``launch_config``'s. For tests.
+
+    Returns:
+        area: (K,) int64, ``#{pixels: s > threshold}`` with ``s = sigmoid(kernels[k] .
+            mask_feats[image[k]])``.
+        soft_sum: (K,) float64, the sum of s over those pixels (per tile in float64, tiles
+            summed in a fixed order).
+
+    Raises:
+        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+    """
+    _check_inputs(kernels, mask_feats, image)
+    num_candidates, num_channels = kernels.shape
+    num_images = mask_feats.shape[0]
+    num_pixels = mask_feats.shape[2:].numel()
+    feats = mask_feats.reshape(num_images, num_channels, num_pixels).contiguous()  # (N, E, P)
+    device = kernels.device
+    area = torch.zeros(num_candidates, dtype=torch.int64, device=device)
+    soft_sum = torch.zeros(num_candidates, dtype=torch.float64, device=device)
+    if num_candidates == 0:
+        return area, soft_sum
+    config = launch_config(kernels.dtype)
+    block_m = config["BLOCK_M"] if block_m is None else block_m
+    block_n = config["BLOCK_N"] if block_n is None else block_n
+    block_k = config["BLOCK_K"] if block_k is None else block_k
+    if block_k * num_pixels >= 2**31:
+        raise ValueError(f"dynamic_mask_scores (triton): at most {(2**31 - 1) // block_k} pixels "
+                         f"per mask, got {num_pixels}")
+
+    # Candidate tiles: the sorted candidates of image n are [segment[n], segment[n + 1]), taken
+    # BLOCK_M at a time. Stable, so a tile's rows are in ascending k (as the C++ kernel's).
+    sorted_image, order = torch.sort(image, stable=True)  # (K,), (K,)
+    boundaries = torch.arange(num_images + 1, dtype=torch.int64, device=device)  # (N + 1,)
+    segment = torch.searchsorted(sorted_image, boundaries)  # (N + 1,)
+    tiles = (segment.diff() + block_m - 1) // block_m  # (N,)
+    # One device-to-host copy: the index bounds (no program may read out of bounds) and the
+    # number of candidate tiles (the grid).
+    low, high, num_tiles = torch.stack([image.min(), image.max(), tiles.sum()]).tolist()
+    if low < 0 or high >= num_images:
+        raise ValueError(f"dynamic_mask_scores: image must lie in [0, N) = [0, {num_images}), "
+                         f"got values in [{low}, {high}]")
+    if num_pixels == 0:
+        return area, soft_sum
+    tile_image = torch.repeat_interleave(
+        torch.arange(num_images, device=device), tiles, output_size=num_tiles)  # (T,)
+    first_tile = tiles.cumsum(0) - tiles  # (N,)
+    local = torch.arange(num_tiles, device=device) - first_tile[tile_image]  # (T,)
+    row_begin = (segment[tile_image] + local * block_m).contiguous()  # (T,)
+    row_end = segment[tile_image + 1].contiguous()  # (T,)
+    sorted_kernels = kernels.index_select(0, order).contiguous()  # (K, E)
+    # Rounded as csrc/dynamic_mask_scores.h's threshold_as: to the compute dtype, then the input's.
+    threshold_t = torch.tensor([threshold], dtype=_compute_dtype(kernels.dtype),
+                               device=device).to(kernels.dtype)  # (1,)
+
+    tiles_per_chunk, num_chunks = _grid_layout(num_pixels, block_n)
+    partial_area = torch.empty((num_candidates, num_chunks), dtype=torch.int32, device=device)
+    partial_soft = torch.empty((num_candidates, num_chunks), dtype=torch.float64, device=device)
+    guard = torch.cuda.device(device) if kernels.is_cuda else contextlib.nullcontext()
+    with guard:
+        _dynamic_mask_scores_kernel[(num_tiles, num_chunks)](
+            sorted_kernels, feats, tile_image.contiguous(), row_begin, row_end, threshold_t,
+            partial_area, partial_soft, num_channels, num_pixels, num_chunks, tiles_per_chunk,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            INPUT_PRECISION=_input_precision(kernels.dtype),
+            num_warps=config["num_warps"])
+    # Sorted position -> candidate: order is a permutation, so each output is written once.
+    area.index_copy_(0, order, partial_area.sum(dim=1, dtype=torch.int64))
+    soft_sum.index_copy_(0, order, partial_soft.sum(dim=1))
+    return area, soft_sum

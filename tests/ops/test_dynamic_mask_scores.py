@@ -1,0 +1,308 @@
+"""solo_fast.ops.dynamic_mask_scores: every backend against the PyTorch reference."""
+
+# N=images, E=mask-feature channels, K=candidates, H, W=mask-map size, P=H*W pixels
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+
+import pytest
+import torch
+
+from solo_fast.ops import available_backends, dynamic_mask_scores
+from solo_fast.ops._backend import choose_backend
+from solo_fast.ops._extension import has_ops
+from solo_fast.ops.reference import dynamic_mask_scores_reference
+from tests.ops.helpers import peak_memory_increase
+
+CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
+# (N, E, (H, W), K): odd sizes; K = 0, 1 and many candidates.
+SHAPES = [(n, e, hw, k) for n, e, hw, k in itertools.product(
+    (1, 3), (5, 16), ((7, 9), (37, 53)), (0, 1, 40))]
+
+
+def make_dynamic_inputs(num_images: int, channels: int, size: tuple[int, int], num: int, *,
+                        dtype=torch.float32, seed: int = 0, device: str = "cpu",
+                        exact: bool = True):
+    """Random (kernels, mask_feats, image) of SOLOv2 candidates.
+
+    ``exact``: kernels and features are multiples of 1/8 in [-1, 1], so every logit is a multiple
+    of 1/64 that float32 (and float16 / bfloat16 for |z| < 32) hold exactly whatever order a GEMM
+    sums in. The logits then spread around 0 (many are exactly 0, where s = 0.5 must not pass a
+    0.5 threshold), and no soft value lies within an ulp of the thresholds the tests use, so the
+    thresholded sets of every backend must equal the reference's exactly. Otherwise normal values
+    (logits of standard deviation ~sqrt(E)/2).
+
+    Candidates come in random image order; with N > 1 the middle image gets none.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if exact:
+        kernels = torch.randint(-8, 9, (num, channels), generator=generator) / 8
+        feats = torch.randint(-8, 9, (num_images, channels, *size), generator=generator) / 8
+    else:
+        kernels = torch.randn((num, channels), generator=generator, dtype=torch.float64) / 2
+        feats = torch.randn((num_images, channels, *size), generator=generator,
+                            dtype=torch.float64)
+    used = [n for n in range(num_images) if num_images == 1 or n != num_images // 2]
+    image = torch.tensor(used)[torch.randint(len(used), (num,), generator=generator)]
+    return (kernels.to(dtype=dtype, device=device), feats.to(dtype=dtype, device=device),
+            image.to(device))
+
+
+def _require(backend: str, device: str = "cpu") -> None:
+    if backend == "triton" and importlib.util.find_spec("solo_fast.kernels.dynamic_mask_scores") \
+            is None:
+        pytest.skip("kernels/dynamic_mask_scores.py (the Triton kernel) does not exist yet")
+    # A backend that fell back to the reference would compare the reference with itself.
+    assert choose_backend("dynamic_mask_scores", torch.device(device), backend) == backend, (
+        f"backend {backend} is not available on {device}: {available_backends(device)}")
+
+
+def _compare(backend, inputs, *, threshold=0.5, rtol=None):
+    kernels, feats, image = inputs
+    rtol = {torch.float64: 1e-12}.get(kernels.dtype, 1e-6) if rtol is None else rtol
+    area, soft_sum = dynamic_mask_scores(*inputs, threshold=threshold, backend=backend)
+    ref_area, ref_soft_sum = dynamic_mask_scores_reference(*inputs, threshold=threshold)
+    assert area.dtype == torch.int64 and area.shape == image.shape
+    assert soft_sum.dtype == torch.float64 and soft_sum.shape == image.shape
+    assert torch.equal(area, ref_area)
+    torch.testing.assert_close(soft_sum, ref_soft_sum, rtol=rtol, atol=1e-30)
+    return area, soft_sum
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("num_images,channels,size,num", SHAPES,
+                         ids=[f"N{n}-E{e}-{h}x{w}-K{k}" for n, e, (h, w), k in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(backend, num_images, channels, size, num, dtype):
+    _require(backend)
+    inputs = make_dynamic_inputs(num_images, channels, size, num, dtype=dtype,
+                                 seed=num_images * 100 + channels * 10 + num)
+    area, _ = _compare(backend, inputs)
+    if num == 40:  # the test means something: masks neither all empty nor all full
+        pixels = size[0] * size[1]
+        assert 0 < area.sum() < num * pixels
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.75, 0.999])
+def test_thresholds(backend, threshold):
+    _require(backend)
+    _compare(backend, make_dynamic_inputs(2, 12, (23, 29), 30, seed=4), threshold=threshold)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inexact_logits_differ_only_at_the_threshold(backend):
+    """Normal inputs: the GEMM's summation order may move logits by an ulp, so a pixel may only
+    change sides where the reference's soft value lies within 1e-5 of the threshold."""
+    _require(backend)
+    kernels, feats, image = make_dynamic_inputs(2, 24, (31, 37), 25, exact=False, seed=6)
+    area, soft_sum = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend=backend)
+    ref_area, ref_soft_sum = dynamic_mask_scores_reference(kernels, feats, image, threshold=0.5)
+    logits = torch.einsum("ke,kehw->khw", kernels.double(), feats.double()[image])  # (K, H, W)
+    near = ((logits.sigmoid() - 0.5).abs() < 1e-5).sum((1, 2))  # (K,)
+    assert ((area - ref_area).abs() <= near).all()
+    torch.testing.assert_close(soft_sum, ref_soft_sum, rtol=1e-6, atol=0.5 * near.max().item())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_blocks_and_ragged_tiles(backend):
+    """300 candidates of one image (two CPU blocks of 256), 1,961 pixels (ragged last tiles)."""
+    _require(backend)
+    _compare(backend, make_dynamic_inputs(1, 7, (37, 53), 300, seed=8))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_saturated_logits(backend):
+    """Logits far beyond float's exp range: s is exactly 0 or 1, as torch's sigmoid makes it."""
+    _require(backend)
+    kernels, feats, image = make_dynamic_inputs(1, 4, (9, 11), 3, seed=2)
+    kernels[0] = 100.0  # z = 100 * sum(feats): mostly |z| >> 88
+    kernels[1] = -100.0
+    for threshold in (0.0, 0.5, 0.9999):
+        _compare(backend, (kernels, feats, image), threshold=threshold)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("num_images,channels,size,num",
+                         [(2, 3, (9, 11), 0), (2, 3, (0, 5), 4), (0, 3, (4, 5), 0)])
+def test_empty_inputs(backend, num_images, channels, size, num):
+    _require(backend)
+    inputs = make_dynamic_inputs(max(num_images, 1), channels, size, num)
+    inputs = (inputs[0], inputs[1][:num_images], inputs[2])
+    area, soft_sum = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
+    assert area.shape == (num,) and area.dtype == torch.int64 and not area.any()
+    assert soft_sum.shape == (num,) and soft_sum.dtype == torch.float64 and not soft_sum.any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(backend, dtype):
+    """float16 / bfloat16: multiplied in float32; the exact logits and their soft values are
+    rounded to the inputs' dtype, as torch stores them, so the masks are the reference's."""
+    _require(backend)
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
+                    "interpreter has no bfloat16, KERNELS.md section 3")
+    kernels, feats, image = make_dynamic_inputs(2, 9, (21, 29), 12, dtype=dtype, seed=5)
+    area, soft_sum = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend=backend)
+    # The soft masks torch would store: exact logits (float64), rounded to dtype, sigmoid,
+    # rounded again.
+    logits = torch.einsum("ke,kehw->khw", kernels.double(), feats.double()[image])  # (K, H, W)
+    soft = logits.to(dtype).float().sigmoid().to(dtype)
+    masks = soft > 0.5
+    assert torch.equal(area, masks.sum((1, 2)))
+    torch.testing.assert_close(soft_sum, (soft.double() * masks).sum((1, 2)), rtol=1e-6,
+                               atol=0)
+
+
+def test_cpu_result_does_not_depend_on_the_thread_count_or_schedule():
+    _require("cpu")
+    inputs = make_dynamic_inputs(2, 16, (37, 53), 40, exact=False, seed=9)
+    threads = torch.get_num_threads()
+    schedule = os.environ.pop("SOLO_FAST_SCORES_SCHEDULE", None)
+    try:
+        torch.set_num_threads(1)
+        single = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
+        torch.set_num_threads(threads)
+        several = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
+        os.environ["SOLO_FAST_SCORES_SCHEDULE"] = "gemm"
+        sequential = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("SOLO_FAST_SCORES_SCHEDULE", None)
+        if schedule is not None:
+            os.environ["SOLO_FAST_SCORES_SCHEDULE"] = schedule
+    for a, b in zip(single, several):
+        assert torch.equal(a, b)
+    # The other schedule runs the same single-block GEMMs, multi-threaded: MKL splits them over
+    # rows and columns, never over E, so every logit is summed in the same order.
+    for a, b in zip(single, sequential):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_compiled_op():
+    assert has_ops(), "solo_fast._C is not built"
+    kernels, feats, image = make_dynamic_inputs(2, 5, (9, 13), 11)
+    args = (kernels, feats.reshape(2, 5, -1), image, 0.5)  # mask_feats (N, E, P)
+    torch.library.opcheck(torch.ops.solo_fast.dynamic_mask_scores.default, args)
+
+
+def test_opcheck_triton_op():
+    _require("triton")
+    kernels, feats, image = make_dynamic_inputs(1, 3, (5, 7), 4)
+    args = (kernels, feats.reshape(1, 3, -1), image, 0.5)  # mask_feats (N, E, P)
+    torch.library.opcheck(torch.ops.solo_fast.dynamic_mask_scores_triton.default, args)
+
+
+def test_fused_scoring_stores_no_soft_masks():
+    assert has_ops(), "solo_fast._C is not built"
+    # 200 candidates of a 200 x 272 map at E = 64: a (K, H, W) float tensor is 43.5 MB (above
+    # glibc's largest mmap threshold, so that it cannot hide in resident heap pages).
+    inputs = make_dynamic_inputs(1, 64, (200, 272), 200, exact=False)
+    soft_bytes = 200 * 200 * 272 * 4
+
+    def fused():
+        dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
+
+    def reference():
+        dynamic_mask_scores(*inputs, threshold=0.5, backend="reference")
+
+    fused()  # first-call costs (thread pool, MKL buffers) are not the op's
+    fused_peak = peak_memory_increase(fused)
+    reference_peak = peak_memory_increase(reference)
+    # Partials (K x 107 tiles x 16 B = 0.3 MB) and one 512 KiB logit buffer per thread.
+    assert fused_peak <= 4 * 2**20, fused_peak
+    assert reference_peak >= 2 * soft_bytes, (reference_peak, soft_bytes)
+
+
+def _bad_arguments():
+    kernels, feats, image = make_dynamic_inputs(2, 3, (4, 5), 3)
+    return dict(kernels=kernels, mask_feats=feats, image=image)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(mask_feats=torch.randn(2, 3, 20)), "mask_feats must be (N, E, H, W)"),
+    (dict(mask_feats=torch.ones(2, 3, 4, 5, dtype=torch.int32)), "mask_feats must be float16"),
+    (dict(kernels=torch.randn(3, 4)), "kernels must be (K, E) with E = 3"),
+    (dict(kernels=torch.randn(3)), "kernels must be (K, E) with E = 3"),
+    (dict(kernels=torch.randn(3, 3, dtype=torch.float64)), "kernels must have mask_feats' dtype"),
+    (dict(image=torch.zeros(2, dtype=torch.int64)), "image must have shape (K,) = (3,)"),
+    (dict(image=torch.zeros(3, dtype=torch.int32)), "image must be int64"),
+    (dict(image=torch.tensor([0, 2, 1])), "image must lie in [0, N) = [0, 2)"),
+    (dict(image=torch.tensor([0, -1, 1])), "image must lie in [0, N) = [0, 2)"),
+    (dict(image=torch.zeros(3, dtype=torch.int64, device="meta")),
+     "image is on meta but mask_feats is on cpu"),
+    (dict(kernels=torch.randn(3, 3, device="meta")), "kernels is on meta but mask_feats is on cpu"),
+    (dict(threshold=float("nan")), "threshold must be a finite number"),
+    (dict(threshold="0.5"), "threshold must be a finite number"),
+    (dict(kernels=[1.0, 2.0]), "kernels must be a torch.Tensor"),
+    (dict(backend="gpu"), "backend must be one of reference, cpu, cuda, triton"),
+])
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_bad_input_names_the_argument(bad, message, backend):
+    arguments = _bad_arguments()
+    arguments.update(threshold=0.5, backend=backend)
+    arguments.update(bad)
+    tensors = [arguments.pop(name) for name in ("kernels", "mask_feats", "image")]
+    escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    with pytest.raises((TypeError, ValueError), match=escaped):
+        dynamic_mask_scores(*tensors, **arguments)
+
+
+@pytest.mark.parametrize("op", ["dynamic_mask_scores", "dynamic_mask_scores_triton"])
+def test_the_kernels_check_index_ranges_themselves(op):
+    """Called directly (not through the public function), no op reads out of bounds."""
+    if op == "dynamic_mask_scores_triton":
+        _require("triton")
+    kernels, feats, _ = make_dynamic_inputs(2, 3, (4, 5), 3)
+    with pytest.raises((RuntimeError, ValueError), match="image"):
+        getattr(torch.ops.solo_fast, op)(kernels, feats.reshape(2, 3, -1),
+                                         torch.tensor([0, 1, 2]), 0.5)
+
+
+def test_traces_under_torch_compile():
+    inputs = make_dynamic_inputs(2, 5, (9, 11), 7)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def score(kernels, feats, image):
+        area, soft_sum = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend="cpu")
+        return soft_sum / area.clamp(min=1)
+
+    expected_area, expected_sum = dynamic_mask_scores_reference(*inputs, threshold=0.5)
+    torch.testing.assert_close(score(*inputs), expected_sum / expected_area.clamp(min=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_images,channels,size,num",
+                         SHAPES + [(1, 256, (200, 272), 1000), (2, 256, (200, 272), 300)])
+def test_gpu_matches_reference(backend, dtype, num_images, channels, size, num):
+    _require(backend, "cuda")
+    inputs = make_dynamic_inputs(num_images, channels, size, num, dtype=dtype, device="cuda",
+                                 seed=num)
+    area, soft_sum = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
+    # Exact logits (float64 sums of multiples of 1/64), then the sigmoid and the comparison in
+    # the inputs' dtype, as torch stores them. float32 holds every such logit exactly; float16 /
+    # bfloat16 only while |z| < 32 (E <= 16 here), so at E = 256 they get a tolerance band.
+    kernels, feats, image = (t.cpu() for t in inputs)
+    logits = torch.einsum("ke,kehw->khw", kernels.double(), feats.double()[image])  # (K, H, W)
+    if dtype in (torch.float32, torch.float64) or channels <= 16:
+        soft = logits.to(dtype).float().sigmoid().to(dtype) if dtype.itemsize == 2 \
+            else logits.to(dtype).sigmoid()
+        masks = soft > 0.5
+        assert torch.equal(area.cpu(), masks.sum((1, 2)))
+        torch.testing.assert_close(soft_sum.cpu(), (soft.double() * masks).sum((1, 2)),
+                                   rtol=1e-5, atol=0)
+    else:
+        soft = logits.sigmoid()
+        near = ((soft - 0.5).abs() < 2e-3).sum((1, 2))
+        assert ((area.cpu() - (soft > 0.5).sum((1, 2))).abs() <= near).all()
+    # Deterministic: a second run gives the same bits.
+    again = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
+    for a, b in zip((area, soft_sum), again):
+        assert torch.equal(a, b)
