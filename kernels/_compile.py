@@ -179,6 +179,8 @@ def _matrix_nms_entries(module: ModuleType) -> list[CompileEntry]:
                 aligned=("iou_ptr", "group_start_ptr", "f_comp_ptr", "order_ptr",
                          "neg_sigma_ptr", "decay_ptr"),
                 options=module.EXP_OPTIONS))
+    return entries
+
 
 def _dynamic_mask_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
     import torch
@@ -229,6 +231,9 @@ def _dynamic_mask_dice_loss_entries(module: ModuleType) -> list[CompileEntry]:
         entries.append(CompileEntry(
             kernel="_dmd_bwd_kernels_kernel", variant=variant, signature=signature,
             constexprs=config, aligned=tuple(n for n in signature if n.endswith("_ptr")) + sizes,
+            num_warps=num_warps))
+    return entries
+
 
 def _dynamic_mask_scores_entries(module: ModuleType) -> list[CompileEntry]:
     import torch
