@@ -126,9 +126,9 @@ class CocoEvaluator:
 
         Args:
             image_ids: COCO image id per image (``Batch.image_ids``).
-            predictions: Per image ``{"masks": bool (K, H0, W0), "labels": int64 (K,),
-                "scores": float (K,), "boxes": float (K, 4) xyxy}`` (``model.predict``); an image
-                with K = 0 counts as processed with no detections.
+            predictions: Per image ``{"masks": bool (K, H0, W0) or K COCO RLE dicts,
+                "labels": int64 (K,), "scores": float (K,), "boxes": float (K, 4) xyxy}``
+                (``model.predict``); an image with K = 0 counts as processed with no detections.
 
         Raises:
             ValueError: lengths that differ, or a label without a category id.
@@ -148,7 +148,16 @@ class CocoEvaluator:
             return []
         scores = prediction["scores"].detach().float().cpu().tolist()
         boxes = xyxy_to_xywh(prediction["boxes"]).tolist()
-        rles = encode_masks(prediction["masks"]) if "segm" in self.iou_types else None
+        masks = prediction["masks"]
+        if "segm" not in self.iou_types:
+            rles = None
+        elif isinstance(masks, (list, tuple)):  # already COCO RLE (model.predict mask_format)
+            if len(masks) != len(labels):
+                raise ValueError(f"image {image_id}: {len(masks)} RLE masks for "
+                                 f"{len(labels)} labels")
+            rles = list(masks)
+        else:
+            rles = encode_masks(masks)
         results = []
         for k, label in enumerate(labels):
             if not 0 <= label < len(self.label_to_category_id):
@@ -251,7 +260,9 @@ def evaluate_model(model: torch.nn.Module, loader: Iterable[Any], evaluator: Coc
         with torch.no_grad():
             for batch in loader:
                 outputs = model(batch.images.to(device, non_blocking=True))
-                predictions = model.predict(outputs, batch.image_sizes, batch.original_sizes)
+                # RLE straight from the post-processing: full-size masks never pile up
+                predictions = model.predict(outputs, batch.image_sizes, batch.original_sizes,
+                                            mask_format="rle")
                 evaluator.process(batch.image_ids, predictions)
     finally:
         model.train(was_training)

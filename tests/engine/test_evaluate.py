@@ -174,8 +174,10 @@ class _Oracle(torch.nn.Module):
         assert not self.training and not torch.is_grad_enabled()
         return images
 
-    def predict(self, outputs, image_sizes, original_sizes):
-        return [self.truth[i] for i in self.ids.pop(0)]
+    def predict(self, outputs, image_sizes, original_sizes, *, mask_format="bool"):
+        assert mask_format == "rle"  # evaluate_model asks for RLE: no full-size masks kept
+        return [{**self.truth[i], "masks": encode_masks(self.truth[i]["masks"])}
+                for i in self.ids.pop(0)]
 
 
 def test_evaluate_model_loops_the_loader(dataset):
@@ -275,3 +277,11 @@ def test_nan_when_an_area_range_has_no_ground_truth(tmp_path):
     metrics = evaluator.evaluate()
     assert metrics["segm/AP"] == pytest.approx(1.0) and metrics["bbox/APl"] == pytest.approx(1.0)
     assert math.isnan(metrics["segm/APs"]) and math.isnan(metrics["bbox/APm"])
+
+
+def test_rle_masks_must_match_the_labels(dataset):
+    image_id, prediction = next(_gt_predictions(dataset))
+    evaluator = _evaluator(dataset)
+    rles = encode_masks(prediction["masks"])[:-1]
+    with pytest.raises(ValueError, match="RLE masks for"):
+        evaluator.process([image_id], [{**prediction, "masks": rles}])
