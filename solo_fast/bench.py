@@ -16,10 +16,12 @@ from solo_fast.ops import (
     cuda_compiled,
     decoupled_dice_loss,
     dice_loss,
+    dynamic_mask_dice_loss,
     has_ops,
 )
 
-__all__ = ["BackendReport", "main", "showcase_decoupled_dice_loss", "showcase_dice_loss"]
+__all__ = ["BackendReport", "main", "showcase_decoupled_dice_loss", "showcase_dice_loss",
+           "showcase_dynamic_mask_dice_loss"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,35 @@ def showcase_decoupled_dice_loss(*, grids: int = 40, num_positives: int = 200, h
                     backends=backends or available_backends(device))
 
 
+def showcase_dynamic_mask_dice_loss(*, num_positives: int = 200, channels: int = 256,
+                                    height: int = 200, width: int = 272, repeats: int = 5,
+                                    device: str = "cpu",
+                                    backends: list[str] | None = None) -> list[BackendReport]:
+    """Runs SOLOv2's dynamic mask convolution + dice forward and backward on each backend.
+
+    One image's mask features (1, E, H, W) and K kernels (K, E) scaled so that the logits spread
+    over both sigmoid tails; (K, H, W) targets.
+    """
+    generator = torch.Generator().manual_seed(0)
+    mask_feats = torch.randn(1, channels, height, width, generator=generator).to(device)
+    kernels = (torch.randn(num_positives, channels, generator=generator)
+               * (3 / channels ** 0.5)).to(device)
+    pos_image = torch.zeros(num_positives, dtype=torch.int64, device=device)
+    target = (torch.rand(num_positives, height, width, generator=generator) > 0.7).to(device)
+    weights = torch.rand(num_positives, generator=generator).to(device)
+    kernels.requires_grad_(True)
+    mask_feats.requires_grad_(True)
+
+    def run(backend):
+        kernels.grad = mask_feats.grad = None
+        loss = dynamic_mask_dice_loss(kernels, mask_feats, pos_image, target, backend=backend)
+        (loss * weights).sum().backward()
+        return loss.detach(), [kernels.grad, mask_feats.grad]
+
+    return _compare(run, device=device, repeats=repeats,
+                    backends=backends or available_backends(device))
+
+
 def main(*, repeats: int = 5) -> None:
     """Prints the build and a table of backends per fused op at the canonical sizes."""
     print(f"solo_fast build: compiled ops {'yes' if has_ops() else 'NO'}, "
@@ -127,6 +158,8 @@ def main(*, repeats: int = 5) -> None:
         ("dice_loss, forward + backward, K=200 masks of 200x272, fp32", showcase_dice_loss),
         ("decoupled_dice_loss, forward + backward, S=40, K=200 positives, 200x272, fp32",
          showcase_decoupled_dice_loss),
+        ("dynamic_mask_dice_loss, forward + backward, K=200 positives, E=256, 200x272, fp32",
+         showcase_dynamic_mask_dice_loss),
     ]
     for title, showcase in showcases:
         print(f"\n{title}")

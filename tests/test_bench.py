@@ -4,12 +4,14 @@ import pytest
 
 from solo_fast import bench, cli
 
+SMALL = {bench.showcase_dice_loss: dict(num_masks=6),
+         bench.showcase_decoupled_dice_loss: dict(num_positives=12, grids=5),
+         bench.showcase_dynamic_mask_dice_loss: dict(num_positives=9, channels=7)}
 
-@pytest.mark.parametrize("run", [bench.showcase_dice_loss,
-                                 bench.showcase_decoupled_dice_loss])
+
+@pytest.mark.parametrize("run", list(SMALL), ids=lambda run: run.__name__)
 def test_backends_agree_with_the_reference(run):
-    kwargs = dict(num_positives=12, grids=5) if run is bench.showcase_decoupled_dice_loss \
-        else dict(num_masks=6)
+    kwargs = SMALL[run]
     reports = run(height=17, width=23, repeats=1, backends=["reference", "cpu"], **kwargs)
     assert [r.backend for r in reports] == ["reference", "cpu"]
     assert reports[0].max_loss_error == 0 and reports[0].max_grad_error == 0
