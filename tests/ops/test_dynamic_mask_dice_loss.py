@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,13 +13,7 @@ from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import dynamic_mask_dice_loss_reference
 from tests.ops.helpers import peak_memory_increase
 
-# The Triton kernels are written by another engineer; until kernels/dynamic_mask_dice_loss.py
-# exists its cases skip, and once it exists nothing is skipped.
-_TRITON_FILE = Path(__file__).resolve().parents[2] / "kernels" / "dynamic_mask_dice_loss.py"
-_TRITON_WRITTEN = (importlib.util.find_spec("solo_fast.kernels.dynamic_mask_dice_loss")
-                   is not None or _TRITON_FILE.exists())
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(
-    not _TRITON_WRITTEN, reason="kernels/dynamic_mask_dice_loss.py does not exist yet"))
+TRITON = "triton"
 CPU_BACKENDS = ["cpu", TRITON]  # the reference is what they are compared with
 # (N, E, (H, W), K): odd sizes; K = 0, 1 and many positives, unordered, with duplicates.
 SHAPES = [(1, 7, (13, 17), 0), (1, 7, (13, 17), 1), (3, 7, (13, 17), 11), (2, 16, (23, 29), 40),

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 
@@ -52,9 +51,6 @@ def make_dynamic_inputs(num_images: int, channels: int, size: tuple[int, int], n
 
 
 def _require(backend: str, device: str = "cpu") -> None:
-    if backend == "triton" and importlib.util.find_spec("solo_fast.kernels.dynamic_mask_scores") \
-            is None:
-        pytest.skip("kernels/dynamic_mask_scores.py (the Triton kernel) does not exist yet")
     # A backend that fell back to the reference would compare the reference with itself.
     assert choose_backend("dynamic_mask_scores", torch.device(device), backend) == backend, (
         f"backend {backend} is not available on {device}: {available_backends(device)}")

@@ -4,7 +4,6 @@ then solo_fast.ops.matrix_nms / batched_matrix_nms, every backend against that r
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -194,9 +193,7 @@ def test_bad_inputs(arguments, kwargs, match):
 # absolute): the fused kernels evaluate exp with the C library (or the GPU's), the reference with
 # torch's vectorised exp, which may differ in the last bit. Everything else must be equal.
 
-TRITON_MISSING = importlib.util.find_spec("solo_fast.kernels.matrix_nms") is None
-CPU_BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
-    TRITON_MISSING, reason="kernels/matrix_nms.py (the Triton kernels) is not written yet"))]
+CPU_BACKENDS = ["cpu", "triton"]
 
 
 def make_nms_inputs(num: int, size: tuple[int, int], *, num_classes: int = 3, seed: int = 0,
@@ -452,9 +449,7 @@ def _numpy_pack(masks: torch.Tensor) -> np.ndarray:
 
 
 PACK_OPS = [pytest.param("compiled", marks=pytest.mark.skipif(not has_ops(), reason="no _C")),
-            pytest.param("triton", marks=pytest.mark.skipif(
-                TRITON_MISSING, reason="kernels/matrix_nms.py (the Triton kernels) is not "
-                                       "written yet"))]
+            "triton"]
 
 
 def _pack_op(which):
@@ -544,8 +539,7 @@ def test_opcheck_compiled_ops():
 
 
 def test_opcheck_triton_ops():
-    _require("triton") if not TRITON_MISSING else pytest.skip(
-        "kernels/matrix_nms.py (the Triton kernels) is not written yet")
+    _require("triton")
     masks, labels, _ = make_nms_inputs(9, (5, 13), seed=1)
     torch.library.opcheck(torch.ops.solo_fast.matrix_nms_triton_pack.default, (masks,))
     packed = torch.ops.solo_fast.matrix_nms_triton_pack(masks)
