@@ -107,7 +107,11 @@ def extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno"]
+    # -fopenmp: ATen's at::parallel_for is an inline template that runs its body in an OpenMP
+    # region; compiled without it, every CPU kernel silently runs on one thread. The extension
+    # then needs libgomp.so.1, which the loader resolves to the copy torch has already loaded.
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     if with_cuda:
         sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
@@ -122,6 +126,7 @@ def extensions():
             include_dirs=[str(CSRC)] + _nvidia_wheel_includes(),
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         extension = CppExtension(
@@ -129,6 +134,7 @@ def extensions():
             sources=sources,
             include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"solo_fast: CUDA kernels {'ON (' + str(cuda_home) + ')' if with_cuda else 'OFF'}")
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}

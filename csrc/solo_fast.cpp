@@ -4,6 +4,11 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <mutex>
+#include <set>
+
 TORCH_LIBRARY(solo_fast, m) {
   // pred: (N, P) logits or probabilities; target: (N, P) uint8 or pred's dtype.
   // Returns the loss (N,) in pred's dtype and the raw sums (N, 3) = [sum p*t, sum p*p, sum t*t]
@@ -81,10 +86,27 @@ bool cuda_compiled() {
 #endif
 }
 
+// How many threads at::parallel_for really runs a CPU kernel's tasks on. at::parallel_for is an
+// inline template: compiled without OpenMP it runs every task on the calling thread, silently
+// (solo_fast's kernels did until the build added -fopenmp). The tests hold this to
+// torch.get_num_threads().
+int64_t cpu_parallel_threads() {
+  std::mutex mutex;
+  std::set<int> seen;
+  const int64_t tasks = 4 * at::get_num_threads();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "solo_fast native kernels; the operators live in torch.ops.solo_fast";
   module.def("cuda_compiled", &cuda_compiled,
              "Whether the CUDA kernels were compiled into this build");
+  module.def("cpu_parallel_threads", &cpu_parallel_threads,
+             "Threads at::parallel_for runs this library's CPU tasks on (a build check)");
 }

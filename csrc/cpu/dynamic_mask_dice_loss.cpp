@@ -21,9 +21,9 @@
 // nothing of size K x P is ever stored, and no float is accumulated by two threads: the results
 // do not depend on the thread count.
 //
-// The GEMMs are MKL calls made single-threaded (SingleThreadedBlas) inside at::parallel_for: one
-// task per core beat sequential tiles with two-thread GEMMs (forward 75 ms against 180-300 ms at
-// the canonical size, RESULTS.md), and letting MKL thread inside the tasks was 15x slower.
+// The GEMMs are MKL calls made single-threaded inside at::parallel_for (GemmTaskScope,
+// cpu/gemm_task.h): one task per core, each GEMM small enough that its tile stays in L2 for the
+// epilogue.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/gemm_task.h"
 #include "cpu/huge_pages.h"
 #include "dice_loss.h"
 #include "op_checks.h"
@@ -68,27 +69,6 @@ inline T* ptr(const at::Tensor& t) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// MKL's per-thread thread count (weak: absent from torch builds without MKL, where the GEMMs of a
-// task run however that BLAS runs them). Inside a task the GEMMs must run on the task's thread
-// alone: MKL otherwise starts its own threads under the OpenMP region, two per core, and on this
-// 2-core machine forward + backward took 4-5 s instead of 0.3 s (RESULTS.md).
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Epilogues on one row of a tile. Always inlined into the SIMD-cloned float32 wrappers.
@@ -242,8 +222,9 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_forward_cpu(
     using acc_t = decltype(pred_tag);
     using target_t = decltype(target_tag);
     const target_t* target_data = ptr<const target_t>(target);
+    const at::ThreadLocalState caller;
     at::parallel_for(0, images * spans, 1, [&](int64_t task_begin, int64_t task_end) {
-      const SingleThreadedBlas single_threaded_blas;
+      const GemmTaskScope scope(caller);
       at::Tensor logits = at::empty({layout.largest_image, kTile}, kernels.options());  // (K_n, T)
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t image = task / spans;
@@ -334,8 +315,9 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_backward_cpu(
     using acc_t = decltype(pred_tag);
     using target_t = decltype(target_tag);
     const target_t* target_data = ptr<const target_t>(target);
+    const at::ThreadLocalState caller;
     at::parallel_for(0, images * spans, 1, [&](int64_t task_begin, int64_t task_end) {
-      const SingleThreadedBlas single_threaded_blas;
+      const GemmTaskScope scope(caller);
       at::Tensor buffer = at::empty({layout.largest_image, kTile}, kernels.options());  // (K_n, T)
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t image = task / spans;

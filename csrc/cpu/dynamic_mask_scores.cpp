@@ -34,11 +34,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <dlfcn.h>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/gemm_task.h"
 #include "dynamic_mask_scores.h"
 #include "op_checks.h"
 
@@ -140,20 +140,6 @@ struct Task {
 };
 
 // Read at every call (a getenv per call is nothing next to the GEMMs), so that tests can run both.
-// MKL's per-thread thread count, looked up in torch's already loaded CPU library (null where
-// torch's BLAS is not MKL). The exported name is MKL's Fortran interface: the count is passed by
-// pointer. Without it, MKL called from each thread of a parallel region started
-// threads of its own (4 spinning threads on 2 cores): 3-18x slower than one thread, measured.
-using SetThreadsLocal = int (*)(const int*);
-SetThreadsLocal mkl_threads_local() {
-  static const SetThreadsLocal function = [] {
-    void* library = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
-    void* symbol = library ? dlsym(library, "mkl_set_num_threads_local") : nullptr;
-    return reinterpret_cast<SetThreadsLocal>(symbol);
-  }();
-  return function;
-}
-
 bool sequential_schedule() {
   const char* value = std::getenv("SOLO_FAST_SCORES_SCHEDULE");
   return value != nullptr && std::strcmp(value, "gemm") == 0;
@@ -253,11 +239,10 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cpu(const at::Tensor& ker
         });
       }
     } else {
+      const at::ThreadLocalState caller;
       at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1,
                        [&](int64_t task_begin, int64_t task_end) {
-        const SetThreadsLocal set_threads = mkl_threads_local();
-        const int one = 1;
-        const int previous = set_threads ? set_threads(&one) : 0;
+        const GemmTaskScope scope(caller);
         const at::Tensor packed = at::empty({channels * kTile}, options);
         const at::Tensor buffer = at::empty({kBlock * kTile}, options);
         for (int64_t t = task_begin; t < task_end; ++t) {
@@ -268,7 +253,6 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cpu(const at::Tensor& ker
             epilogue(task, first, ptr<const acc_t>(z), count, 0, last - first);
           });
         }
-        if (set_threads) set_threads(&previous);
       });
     }
   });
