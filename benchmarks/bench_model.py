@@ -12,6 +12,10 @@ rounding; tests/test_losses.py asserts it).
 * Prediction: forward and post-processing of one 800 x 1088 image (COCO's canonical padded size).
   The weights are random, so the head's class scores are pushed up (a bias on the class logits)
   until about 1,000 candidates pass score_thr, as a trained model's do on a busy image.
+
+``PYTHONPATH=. python benchmarks/bench_model.py`` instead alternates fused and reference training
+steps of SOLOv2 and Decoupled SOLO and prints the mean paired difference with its standard error:
+the loss is a small part of a CPU step, so the difference is only visible paired.
 """
 
 # N=images, M=instances per image, C=classes, H, W=image size
@@ -89,18 +93,12 @@ def test_train_step(benchmark, family, provider):
 def test_predict(benchmark, family, provider):
     benchmark.group = f"predict {family} 1x800x1088 (cpu)"
     benchmark.extra_info.update(provider=provider, preset=TRAIN_PRESETS[family])
-    torch.manual_seed(0)
-    model = build_model(TRAIN_PRESETS[family]).eval()
-    use_path(model, provider)
-    images = torch.randn(1, 3, 800, 1088)
-    with torch.no_grad():
-        outputs = model(images)
-    outputs = _with_candidates(outputs, wanted=1000)
+    model, images = _predict_model(family, provider)
     counts = {}
 
     def predict():
         with torch.no_grad():
-            (prediction,) = model.predict(outputs, [(800, 1088)], [(800, 1088)])
+            (prediction,) = model.predict(model(images), [(800, 1088)], [(800, 1088)])
         counts["kept"] = len(prediction["scores"])
 
     predict()
@@ -109,16 +107,68 @@ def test_predict(benchmark, family, provider):
     benchmark.extra_info.update(counts)
 
 
-def _with_candidates(outputs, *, wanted: int):
-    """The outputs with the class logits shifted so that about ``wanted`` (cell, class) pairs
-    score above 0.1 after points NMS; the shift is found by bisection on the sigmoid."""
+def _predict_model(family: str, provider: str):
+    """A random-weight model in eval mode whose class-logit bias is raised until about 1,000
+    candidates pass score_thr on ``images`` (as a trained model's do on a busy image), so that
+    the timed call is the whole prediction: forward and post-processing."""
+    torch.manual_seed(0)
+    model = build_model(TRAIN_PRESETS[family]).eval()
+    use_path(model, provider)
+    images = torch.randn(1, 3, 800, 1088)
+    with torch.no_grad():
+        shift = _candidate_shift(model(images).cls_preds, wanted=1000)
+        model.head.cls_pred.bias += shift
+    return model, images
+
+
+def _candidate_shift(cls_preds, *, wanted: int) -> float:
+    """The shift of the class logits that lets about ``wanted`` (cell, class) pairs score above
+    0.1 after points NMS, found by bisection."""
     from solo_fast.postprocess import prepare_cls_scores
 
-    cls_preds = outputs.cls_preds
     low, high = -20.0, 20.0
     for _ in range(40):
         shift = (low + high) / 2
         count = sum(int((s > 0.1).sum()) for s in prepare_cls_scores(
             [c + shift for c in cls_preds]))
         low, high = (shift, high) if count < wanted else (low, shift)
-    return outputs._replace(cls_preds=[c + high for c in cls_preds])
+    return high
+
+
+def interleaved_train_steps(families=("solov2", "decoupled_solo"), pairs: int = 15) -> None:
+    """Fused and reference training steps of one model, alternating step by step, so that the
+    load of a shared machine falls on both alike. Prints per family the mean paired difference
+    (reference - fused) with its standard error, and checks the losses agree."""
+    import statistics
+    import time
+
+    for family in families:
+        torch.manual_seed(0)
+        model = build_model(TRAIN_PRESETS[family]).train()
+        images = torch.randn(2, 3, 512, 512)
+        targets = make_targets(2, 512, 512)
+        times: dict[str, list[float]] = {"fused": [], "reference": []}
+        losses: dict[str, dict[str, float]] = {}
+        for round_index in range(pairs + 1):  # round 0 warms up
+            for provider in (("fused", "reference") if round_index % 2 else
+                             ("reference", "fused")):
+                use_path(model, provider)
+                model.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                values = model.loss(model(images), targets)
+                sum(values.values()).backward()
+                elapsed = time.perf_counter() - start
+                if round_index:
+                    times[provider].append(elapsed)
+                losses[provider] = {k: v.item() for k, v in values.items()}
+        differences = [r - f for r, f in zip(times["reference"], times["fused"])]
+        mean = statistics.mean(differences)
+        error = statistics.stdev(differences) / len(differences) ** 0.5
+        print(f"{family}: fused {statistics.median(times['fused']):.3f} s, reference "
+              f"{statistics.median(times['reference']):.3f} s (medians of {pairs}); reference - "
+              f"fused = {mean * 1e3:.0f} +- {error * 1e3:.0f} ms (mean +- standard error); "
+              f"losses fused {losses['fused']} reference {losses['reference']}")
+
+
+if __name__ == "__main__":  # PYTHONPATH=. python benchmarks/bench_model.py
+    interleaved_train_steps()

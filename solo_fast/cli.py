@@ -65,8 +65,13 @@ def _convert(args: argparse.Namespace) -> int:
 def _make_shapes(args: argparse.Namespace) -> int:
     from solo_fast.data import make_shapes
 
+    style = {}
+    if args.easy:
+        from solo_fast.demo import DEMO_SHAPES
+
+        style = DEMO_SHAPES
     paths = make_shapes(args.root, num_train=args.num_train, num_val=args.num_val,
-                        seed=args.seed, overwrite=args.overwrite)
+                        seed=args.seed, overwrite=args.overwrite, **style)
     print(f"synthetic shapes: {args.num_train} training and {args.num_val} held-out images\n"
           f"  {paths.train_annotations}\n  {paths.val_annotations}")
     return 0
@@ -233,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--num-val", type=int, default=50, help="held-out images (50)")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (0)")
     shapes.add_argument("--overwrite", action="store_true", help="regenerate existing files")
+    shapes.add_argument("--easy", action="store_true",
+                        help="the demo's easier set: one colour per object, by class, at most 4 "
+                             "objects per image (default: textured objects, told by shape only)")
     shapes.set_defaults(run=_make_shapes)
 
     train = commands.add_parser(

@@ -160,8 +160,9 @@ class TestConfig(_Checked):
 class TrainConfig(_Checked):
     """Optimiser, schedule and data scales; the defaults are mmdetection's 1x schedule."""
 
-    lr: float = 0.01  # SGD
-    momentum: float = 0.9
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # every mmdetection SOLO config uses SGD
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
     batch_size: int = 16  # images per iteration over all devices (mmdetection: 8 GPUs x 2)
     epochs: int = 12

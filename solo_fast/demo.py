@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEMO_OVERRIDES", "DemoSettings", "run_demo"]
+__all__ = ["DEMO_OVERRIDES", "DEMO_SHAPES", "DemoSettings", "run_demo"]
 
 # Shapes images are 192-320 px a side: a fixed scale of at most 320 x 256 keeps the objects on
 # every FPN level. Half-width neck and head (128 channels, 64 mask channels) halve a CPU step:
@@ -40,6 +40,19 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "warmup_iters": 50,
     "epochs": 8,
     "lr_steps": (6, 7),
+}
+
+
+# The demo's data set (make_shapes arguments): flat objects in class colours on the usual textured
+# backgrounds, at most 4 per image, 20 px and up. The default textured set, where only the outline
+# tells the class, is far harder: trained from scratch on 2 CPU cores it stayed at mask AP 0.003
+# after 300 steps.
+DEMO_SHAPES: dict[str, Any] = {
+    "object_style": "flat",
+    "class_colours": True,
+    "max_objects": 4,
+    "min_object_size": 20.0,
+    "max_object_fraction": 0.7,
 }
 
 
@@ -94,13 +107,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     started = time.perf_counter()
     shapes = make_shapes(work_dir / "shapes", num_train=settings.num_train,
-                         num_val=settings.num_val, seed=settings.seed)
+                         num_val=settings.num_val, seed=settings.seed, **DEMO_SHAPES)
     print(f"[1/4] data: {settings.num_train} training and {settings.num_val} held-out images "
           f"in {shapes.root} ({time.perf_counter() - started:.0f} s)")
 
     started = time.perf_counter()
     run_settings = RunSettings(work_dir=work_dir / "train", device=device,
-                               checkpoint_interval=200, log_interval=50)
+                               checkpoint_interval=200, keep_epoch_checkpoints=False,
+                               log_interval=50)
     print("[2/4] training (resumes from train/latest.pt when present)")
     model, records = train_on_coco(
         preset=settings.preset, overrides=overrides,

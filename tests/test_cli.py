@@ -46,3 +46,11 @@ def test_bad_override_is_reported(tmp_path, capsys):
                      "--set", "nmu_classes=3"])
     assert code == 2
     assert "nmu_classes" in capsys.readouterr().err
+
+
+def test_make_shapes_easy_writes_the_demo_set(tmp_path):
+    assert cli.main(["make-shapes", str(tmp_path / "shapes"), "--num-train", "2",
+                     "--num-val", "1", "--easy"]) == 0
+    manifest = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
+    assert manifest["object_style"] == "flat" and manifest["class_colours"] is True
+    assert manifest["max_objects"] == 4

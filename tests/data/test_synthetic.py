@@ -92,24 +92,29 @@ def test_annotations_are_visible_parts(shapes):
     assert occluded
 
 
-def test_object_sizes_span_every_fpn_level(shapes):
-    # box scale sqrt(w h) after the default (1333, 800) resize must hit every level's range
+def _fpn_level_hits(shapes):
+    """Per level of SOLO's scale ranges, how many instances' box scales sqrt(w h) after the
+    default (1333, 800) resize fall in it; and each instance's sqrt(area) / shorter side."""
     config = get_preset("solo_r50_fpn_1x_coco")
-    ranges = config.head.scale_ranges
     data = _load(shapes.train_annotations)
     sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
-    hits = Counter()
+    hits = Counter({level: 0 for level in range(len(config.head.scale_ranges))})
     roots = []
     for ann in data["annotations"]:
         h, w = sizes[ann["image_id"]]
-        new_h, _ = rescale_size((h, w), config.train.test_scale)
-        factor = new_h / h
+        factor = rescale_size((h, w), config.train.test_scale)[0] / h
         scale = math.sqrt(ann["bbox"][2] * ann["bbox"][3]) * factor
-        roots.append(math.sqrt(ann["area"]) / min(h, w))
-        for level, (lo, hi) in enumerate(ranges):
-            hits[level] += lo <= scale <= hi
         assert scale >= 1
-    assert all(hits[level] > 0 for level in range(len(ranges))), hits
+        roots.append(math.sqrt(ann["area"]) / min(h, w))
+        for level, (lo, hi) in enumerate(config.head.scale_ranges):
+            hits[level] += lo <= scale <= hi
+    return hits, roots
+
+
+def test_object_sizes_span_every_fpn_level(shapes):
+    hits, roots = _fpn_level_hits(shapes)
+    assert all(hits.values()), hits
+    data = _load(shapes.train_annotations)
     assert min(math.sqrt(a["area"]) for a in data["annotations"]) < 16
     assert max(roots) > 0.5
 
@@ -123,3 +128,49 @@ def test_loads_through_coco_instances(shapes):
     record = train.records[0]
     assert sample.image.shape == (3, record.height, record.width)
     assert sample.target["masks"].shape[0] == len(record.instances) > 0
+
+
+@pytest.fixture(scope="module")
+def flat_shapes(tmp_path_factory):
+    from solo_fast.demo import DEMO_SHAPES
+
+    return make_shapes(tmp_path_factory.mktemp("flat"), num_train=NUM_TRAIN, num_val=NUM_VAL,
+                       image_format="png", seed=0, **DEMO_SHAPES)
+
+
+def test_flat_objects_have_their_class_colour(flat_shapes):
+    from PIL import Image
+
+    from solo_fast.data.synthetic import _CLASS_COLOURS
+
+    data = _load(flat_shapes.train_annotations)
+    images = {image["id"]: image for image in data["images"]}
+    checked = 0
+    for ann in data["annotations"]:
+        image = images[ann["image_id"]]
+        pixels = np.asarray(Image.open(flat_shapes.train_images / image["file_name"]),
+                            dtype=np.float64)  # (H, W, 3)
+        colours = pixels[_decode(ann["segmentation"], image["height"], image["width"])]  # (P, 3)
+        # class colour +-30 jitter, then noise of std 8 (and 3 of sensor noise) around it
+        assert np.abs(colours.mean(0) - _CLASS_COLOURS[ann["category_id"]]).max() <= 33
+        if len(colours) >= 100:
+            assert colours.std(0).max() < 12
+        checked += 1
+    assert checked > NUM_TRAIN
+
+
+def test_flat_set_sizes_still_span_every_fpn_level(flat_shapes):
+    hits, _ = _fpn_level_hits(flat_shapes)
+    assert all(hits.values()), hits
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"object_style": "wavy"}, "object_style"),
+    ({"class_colours": True}, "class_colours"),
+    ({"min_object_size": 0.5}, "min_object_size"),
+    ({"min_object_size": 400.0}, "min_object_size"),
+    ({"max_object_fraction": 1.5}, "max_object_fraction"),
+])
+def test_bad_style_arguments_are_named(tmp_path, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        make_shapes(tmp_path, num_train=1, num_val=1, **arguments)

@@ -49,6 +49,11 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert (tmp_path / "a" / "epoch_1.pt").is_file() and (tmp_path / "a" / "epoch_2.pt").is_file()
 
 
+def test_epoch_checkpoints_can_be_left_out(tmp_path):
+    _trainer(tmp_path, epochs=2, keep_epoch_checkpoints=False).fit()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["latest.pt"]
+
+
 def test_non_finite_loss_stops_with_its_name_and_keeps_the_checkpoint(tmp_path):
     trainer = _trainer(tmp_path, epochs=2, checkpoint_interval=1)
     trainer.fit()
