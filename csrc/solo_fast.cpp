@@ -65,9 +65,13 @@ TORCH_LIBRARY(solo_fast, m) {
   // Returns area (K,) int64 and soft_sum (K,) float64. threshold is compared in the inputs' dtype.
   // dynamic_mask_scores: kernels (K, E) and mask_feats (N, E, P) contiguous, one floating dtype;
   // image (K,) int64 in [0, N), any order; s = sigmoid(kernels[k] . mask_feats[image[k]]).
+  // Its third output, packed, is the binary masks in matrix_nms_pack's layout when pack_masks is
+  // true: (K, ceil(P / 64)) int64, row k = candidate k in the input order, a bit set exactly where
+  // the pixel counts into area (popcount(packed[k]) == area[k]), tail bits zero. When pack_masks
+  // is false it is an empty (0, ceil(P / 64)) int64 tensor and nothing is written.
   m.def(
-      "dynamic_mask_scores(Tensor kernels, Tensor mask_feats, Tensor image, float threshold) "
-      "-> (Tensor, Tensor)");
+      "dynamic_mask_scores(Tensor kernels, Tensor mask_feats, Tensor image, float threshold, "
+      "bool pack_masks) -> (Tensor, Tensor, Tensor)");
   // decoupled_mask_scores: x_probs, y_probs (N, C, P) probabilities (the levels' upsampled
   // sigmoid maps concatenated along C) in one floating dtype; image, row, col (K,) int64;
   // s = y_probs[image[k], row[k]] * x_probs[image[k], col[k]].

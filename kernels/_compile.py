@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import os
 import pkgutil
 import re
@@ -241,23 +242,28 @@ def _dynamic_mask_scores_entries(module: ModuleType) -> list[CompileEntry]:
     dtypes = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
     entries = []
     # (features, pixel and channel counts multiples of 16): SOLOv2's E = 256 and stride-4 maps of
-    # 32-aligned images are; one variant checks the masked loads of other sizes.
-    for feats, aligned_sizes in (("fp32", True), ("fp64", True), ("fp16", True), ("fp32", False)):
+    # 32-aligned images are; one variant checks the masked loads of other sizes. Each with and
+    # without the bit-packed masks (Wd = ceil(P / 64) is rarely a multiple of 16: never aligned).
+    variants = (("fp32", True), ("fp64", True), ("fp16", True), ("fp32", False))
+    for (feats, aligned_sizes), pack_masks in itertools.product(variants, (False, True)):
         config = module.launch_config(dtypes[feats])
         sizes = ("num_channels", "num_pixels") if aligned_sizes else ()
         entries.append(CompileEntry(
             kernel="_dynamic_mask_scores_kernel",
-            variant=f"{feats}" + ("" if aligned_sizes else ", E, P % 16 != 0"),
+            variant=f"{feats}" + ("" if aligned_sizes else ", E, P % 16 != 0")
+            + (", packed masks" if pack_masks else ""),
             signature={"kernels_ptr": f"*{feats}", "feats_ptr": f"*{feats}",
                        "tile_image_ptr": "*i64", "row_begin_ptr": "*i64", "row_end_ptr": "*i64",
                        "threshold_ptr": f"*{feats}", "area_ptr": "*i32", "soft_ptr": "*fp64",
-                       "num_channels": "i32", "num_pixels": "i32", "num_chunks": "i32",
-                       "tiles_per_chunk": "i32"},
+                       "order_ptr": "*i64", "packed_ptr": "*i64", "num_channels": "i32",
+                       "num_pixels": "i32", "num_tiles": "i32", "num_pixel_tiles": "i32",
+                       "num_words": "i32"},
             constexprs={"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
                         "BLOCK_K": config["BLOCK_K"],
-                        "INPUT_PRECISION": module._input_precision(dtypes[feats])},
+                        "INPUT_PRECISION": module._input_precision(dtypes[feats]),
+                        "PACK_MASKS": pack_masks},
             aligned=("kernels_ptr", "feats_ptr", "tile_image_ptr", "row_begin_ptr",
-                     "row_end_ptr", "area_ptr", "soft_ptr") + sizes,
+                     "row_end_ptr", "area_ptr", "soft_ptr", "order_ptr", "packed_ptr") + sizes,
             num_warps=config["num_warps"]))
     return entries
 

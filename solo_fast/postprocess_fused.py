@@ -6,23 +6,28 @@ no step holds a soft mask per candidate:
 1. candidates of the whole batch, as the reference selects them;
 2. area and maskness sum of EVERY candidate of the batch in one op call
    (:func:`~solo_fast.ops.dynamic_mask_scores`, :func:`~solo_fast.ops.decoupled_mask_scores`;
-   SOLO: chunks of candidates in PyTorch), without storing their soft masks;
+   SOLO: chunks of candidates in PyTorch), without storing their soft masks; SOLOv2's op also
+   writes every candidate's binary mask bit-packed (P / 8 bytes a candidate);
 3. small-mask filter, maskness rescoring and the per-image ``nms_pre`` cut, vectorised over the
    batch: the cut picks exactly the candidates the reference's matrix NMS keeps after its own
    (stable) sort, ties by candidate order;
-4. binary masks of those <= nms_pre per image only, built in chunks, into matrix NMS
-   (:func:`batched_matrix_nms`, the one call site);
+4. binary masks of those <= nms_pre per image only into matrix NMS (:func:`batched_matrix_nms`,
+   the one call site): SOLOv2 hands over the rows of its packed masks; the other families build
+   bool masks from their soft masks in chunks;
 5. soft masks of the <= max_per_img kept per image only, resized to the original size in chunks
    (the reference's two bilinear resizes), with the boxes and optionally COCO RLE taken from each
    chunk, so no step holds full-size masks of more than one chunk besides the bool output.
 
 Results equal the reference's (labels, order, masks) except where a score lands within rounding of
 another: the maskness sum is accumulated in float64 here and in float32 there, so scores differ by
-~1e-7 relative (tests allow 1e-6).
+~1e-7 relative (tests allow 1e-6). SOLOv2's binary masks into matrix NMS are the scoring op's
+(the pixels counted in its area), where the reference thresholds its own soft masks: they can
+differ only at pixels whose soft value lies within a few ulp of ``mask_thr``.
 """
 
 # N=images, K=candidates of the batch, M=candidates into matrix NMS (<= nms_pre per image),
-# E=mask-feature channels, U=distinct X/Y maps used, H4, W4=stride-4 mask map, H0, W0=original size
+# E=mask-feature channels, U=distinct X/Y maps used, H4, W4=stride-4 mask map, H0, W0=original size,
+# Wd=ceil(H4 * W4 / 64) words of a packed mask
 
 from __future__ import annotations
 
@@ -63,16 +68,17 @@ class NMSResult(NamedTuple):
     labels: Tensor
 
 
-def batched_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, mask_area: Tensor,
-                       image: Tensor, *, num_images: int, test_cfg: TestConfig,
-                       backend: str | None = None) -> list[NMSResult]:
+def batched_matrix_nms(masks: Tensor | ops.PackedMasks, labels: Tensor, scores: Tensor,
+                       mask_area: Tensor, image: Tensor, *, num_images: int,
+                       test_cfg: TestConfig, backend: str | None = None) -> list[NMSResult]:
     """Matrix NMS of every image of a batch with ``test_cfg``'s settings (SPEC §10).
 
     The one place the fused path calls matrix NMS: one call of the fused, bit-packed
     :func:`solo_fast.ops.batched_matrix_nms` for the whole batch.
 
     Args:
-        masks: (M, H4, W4) bool binary masks of the candidates of all images, concatenated.
+        masks: (M, H4, W4) bool binary masks of the candidates of all images, concatenated, or
+            the same masks bit-packed (:class:`~solo_fast.ops.PackedMasks`).
         labels: (M,) int64 labels.
         scores: (M,) floating (maskness-rescored) scores.
         mask_area: (M,) floating areas of ``masks``.
@@ -139,17 +145,32 @@ def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
     return encoded
 
 
+class MaskScores(NamedTuple):
+    """What a family's scoring gives for every candidate's binary mask ``soft > threshold``.
+
+    Attributes:
+        area: (K,) int64 its pixel count.
+        soft_sum: (K,) float64 the sum of the soft mask over it.
+        packed: (K, Wd) int64 the binary masks bit-packed (:class:`~solo_fast.ops.PackedMasks`'
+            layout) where the family's scoring op writes them; None: the fused path builds the
+            masks it needs from the soft masks.
+    """
+
+    area: Tensor
+    soft_sum: Tensor
+    packed: Tensor | None = None
+
+
 class MaskSource:
     """What the fused path needs of a family: its candidates' scores and soft masks.
 
     Args:
-        scores: (threshold, backend) -> (area int64 (K,), soft_sum float64 (K,)) of every
-            candidate's ``soft > threshold``.
+        scores: (threshold, backend) -> :class:`MaskScores` of every candidate.
         soft: (index (k,) int64) -> (k, H4, W4) soft masks of those candidates.
         size: (H4, W4).
     """
 
-    def __init__(self, *, scores: Callable[[float, str | None], tuple[Tensor, Tensor]],
+    def __init__(self, *, scores: Callable[[float, str | None], MaskScores],
                  soft: Callable[[Tensor], Tensor], size: tuple[int, int]) -> None:
         self.scores = scores
         self.soft = soft
@@ -177,10 +198,11 @@ def predict_fused(processor: Any, candidates: Candidates, source: MaskSource,
     num_images = len(image_sizes)
     device = candidates.score.device
     if len(candidates.score):
-        area, soft_sum = source.scores(cfg.mask_thr, backend)  # (K,), (K,)
+        scored = source.scores(cfg.mask_thr, backend)
     else:  # no op call on empty inputs: nothing to score
-        area = torch.zeros(0, dtype=torch.int64, device=device)
-        soft_sum = torch.zeros(0, dtype=torch.float64, device=device)
+        scored = MaskScores(torch.zeros(0, dtype=torch.int64, device=device),
+                            torch.zeros(0, dtype=torch.float64, device=device))
+    area, soft_sum = scored.area, scored.soft_sum  # (K,), (K,)
     # The area is in mask-map pixels yet compared with the level's stride, as mmdetection does
     strides = torch.tensor(processor.strides, dtype=torch.int64, device=device)
     passes = (area > strides[candidates.level]).nonzero().squeeze(1)  # (K',)
@@ -189,14 +211,17 @@ def predict_fused(processor: Any, candidates: Candidates, source: MaskSource,
     cut = nms_pre_cut(scores, candidates.image[passes], cfg.nms_pre)  # (M,) into passes
     chosen, nms_scores = passes[cut], scores[cut]
 
-    masks = torch.empty((len(chosen), *source.size), dtype=torch.bool, device=device)
-    for start in range(0, len(chosen), MASK_CHUNK):  # (M, H4, W4) binary, chunk by chunk
-        masks[start:start + MASK_CHUNK] = source.soft(chosen[start:start + MASK_CHUNK]) \
-            > cfg.mask_thr
+    if scored.packed is not None:  # the scoring op wrote them: no second pass over the logits
+        masks = ops.PackedMasks(scored.packed[chosen], *source.size)  # (M, Wd)
+    else:
+        masks = torch.empty((len(chosen), *source.size), dtype=torch.bool, device=device)
+        for start in range(0, len(chosen), MASK_CHUNK):  # (M, H4, W4) binary, chunk by chunk
+            masks[start:start + MASK_CHUNK] = source.soft(chosen[start:start + MASK_CHUNK]) \
+                > cfg.mask_thr
     kept = batched_matrix_nms(masks, candidates.label[chosen], nms_scores,
                               area[chosen].to(nms_scores.dtype), candidates.image[chosen],
                               num_images=num_images, test_cfg=cfg, backend=backend)
-    del masks
+    del masks, scored  # the packed masks of every candidate are no longer needed
 
     canvas = (source.size[0] * processor.mask_stride, source.size[1] * processor.mask_stride)
     results = []
@@ -244,9 +269,11 @@ def dynamic_source(kernels: Tensor, mask_feats: Tensor, image: Tensor) -> MaskSo
     """
     from solo_fast import ops
 
-    def scores(threshold: float, backend: str | None) -> tuple[Tensor, Tensor]:
-        return ops.dynamic_mask_scores(kernels, mask_feats, image, threshold=threshold,
-                                       backend=backend)
+    def scores(threshold: float, backend: str | None) -> MaskScores:
+        # the binary masks come with the scores: matrix NMS takes them packed as they are
+        return MaskScores(*ops.dynamic_mask_scores(kernels, mask_feats, image,
+                                                   threshold=threshold, backend=backend,
+                                                   pack_masks=True))
 
     def soft(index: Tensor) -> Tensor:
         out = mask_feats.new_empty((len(index), *mask_feats.shape[-2:]))  # (k, H4, W4)
@@ -276,9 +303,9 @@ def decoupled_source(probs: Tensor, row: Tensor, col: Tensor) -> MaskSource:
     maps = probs[None]  # (1, U, H4, W4): one "image" holding every map
     image = torch.zeros_like(row)
 
-    def scores(threshold: float, backend: str | None) -> tuple[Tensor, Tensor]:
-        return ops.decoupled_mask_scores(maps, maps, image, row, col, threshold=threshold,
-                                         backend=backend)
+    def scores(threshold: float, backend: str | None) -> MaskScores:
+        return MaskScores(*ops.decoupled_mask_scores(maps, maps, image, row, col,
+                                                     threshold=threshold, backend=backend))
 
     def soft(index: Tensor) -> Tensor:
         # in place: one gathered chunk fewer (multiplication commutes exactly)
@@ -298,7 +325,7 @@ def chunked_source(soft: Callable[[Tensor], Tensor], count: int, size: tuple[int
         device: The candidates' device.
     """
 
-    def scores(threshold: float, backend: str | None) -> tuple[Tensor, Tensor]:
+    def scores(threshold: float, backend: str | None) -> MaskScores:
         del backend  # no op: PyTorch in chunks of bounded size
         area = torch.zeros(count, dtype=torch.int64, device=device)
         soft_sum = torch.zeros(count, dtype=torch.float64, device=device)
@@ -308,6 +335,6 @@ def chunked_source(soft: Callable[[Tensor], Tensor], count: int, size: tuple[int
             masks = chunk > threshold
             area[index] = masks.sum((1, 2))
             soft_sum[index] = (chunk * masks).sum((1, 2), dtype=torch.float64)
-        return area, soft_sum
+        return MaskScores(area, soft_sum)
 
     return MaskSource(scores=scores, soft=soft, size=size)

@@ -17,11 +17,12 @@ from pycocotools import mask as mask_util
 from torch import Tensor, nn
 
 import solo_fast.postprocess_fused as fused
+from solo_fast import ops
 from solo_fast.config import TestConfig
 from solo_fast.models.detector import SOLODetector
 from solo_fast.models.solov2 import SOLOv2Output
-from solo_fast.ops import available_backends
-from solo_fast.ops.reference import matrix_nms_reference
+from solo_fast.ops import PackedMasks, available_backends
+from solo_fast.ops.reference import matrix_nms_reference, pack_masks_reference
 from solo_fast.postprocess import (
     DecoupledSOLOPostProcessor,
     SOLOPostProcessor,
@@ -275,6 +276,45 @@ def test_nms_pre_cut_equals_a_stable_sort_per_image():
     assert fused.nms_pre_cut(scores, image, 17).tolist() == expected
 
 
+def _nms_masks_spy(monkeypatch) -> list:
+    """Records the masks of every batched_matrix_nms call of the fused path."""
+    seen, real = [], fused.batched_matrix_nms
+
+    def spy(masks, *args, **kwargs):
+        seen.append(masks)
+        return real(masks, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "batched_matrix_nms", spy)
+    return seen
+
+
+@pytest.mark.parametrize("op_backend", OP_BACKENDS)
+def test_solov2_gives_matrix_nms_the_scoring_ops_packed_masks(op_backend, monkeypatch):
+    """SOLOv2's fused path hands matrix NMS the rows of the scoring op's packed masks: the bool
+    masks it would otherwise build from the soft masks, packed, and the same predictions."""
+    outputs, make = _family_case("solov2", CUT_CFG)
+    processor = _fused_processor(make, op_backend, monkeypatch)
+    seen = _nms_masks_spy(monkeypatch)
+    packed_results = processor(outputs, **SIZES)
+    real = ops.dynamic_mask_scores  # without packing: the bool masks from the soft masks
+    monkeypatch.setattr(ops, "dynamic_mask_scores",
+                        lambda *args, pack_masks, **kwargs: real(*args, **kwargs))
+    bool_results = processor(outputs, **SIZES)
+    packed, masks = seen
+    assert isinstance(packed, PackedMasks) and masks.dtype == torch.bool
+    assert len(masks) > 12 and (packed.height, packed.width) == masks.shape[1:]
+    assert torch.equal(packed.bits, pack_masks_reference(masks))
+    _assert_same(packed_results, bool_results)
+
+
+@pytest.mark.parametrize("family", ["solo", "decoupled_solo"])
+def test_the_other_families_give_matrix_nms_bool_masks(family, monkeypatch):
+    outputs, make = _family_case(family, CUT_CFG)
+    seen = _nms_masks_spy(monkeypatch)
+    make(None)(outputs, **SIZES)
+    assert len(seen) == 1 and seen[0].dtype == torch.bool and len(seen[0]) > 12
+
+
 def test_batched_matrix_nms_is_matrix_nms_per_image():
     generator = torch.Generator().manual_seed(1)
     masks = torch.rand(40, 6, 7, generator=generator) > 0.4
@@ -286,6 +326,11 @@ def test_batched_matrix_nms_is_matrix_nms_per_image():
     area = masks.sum((1, 2)).float()
     results = fused.batched_matrix_nms(masks, labels, scores, area, image, num_images=5,
                                        test_cfg=cfg)
+    packed = PackedMasks(pack_masks_reference(masks), 6, 7)
+    for result, same in zip(results, fused.batched_matrix_nms(
+            packed, labels, scores, area, image, num_images=5, test_cfg=cfg)):
+        for a, b in zip(result, same):
+            assert torch.equal(a, b)
     assert len(results) == 5
     for n, result in enumerate(results):
         members = (image == n).nonzero().squeeze(1)

@@ -17,7 +17,11 @@
 // L2) and the epilogue: sigmoid, threshold, count and soft sum per candidate while z is still in
 // cache. Each (candidate, tile) pair gets its own float64 partial; the tiles are added in
 // ascending order at the end, so the result does not depend on how tasks are spread over
-// threads. Nothing of size K x P is stored.
+// threads. Nothing of size K x P is stored but, when asked for (pack_masks), the binary masks
+// bit-packed (P / 8 bytes a candidate): the epilogue notes each pixel's in-mask test as a byte
+// while it counts, and turns the row's bytes into bits while they are in L1. A tile is kTile =
+// 8 x 64 pixels and starts on a word boundary, so each (candidate, tile) pair writes its own 8
+// words: no two tasks write one word.
 //
 // Two schedules (chosen by SOLO_FAST_SCORES_SCHEDULE, for the measurement in
 // benchmarks/RESULTS.md): "tiles" (default) runs tasks in parallel, each GEMM single-threaded
@@ -43,7 +47,7 @@
 #include "op_checks.h"
 
 // N=images, E=mask-feature channels, K=candidates, P=pixels of a mask map,
-// B=kBlock candidates of a task, T=kTile pixels of a task
+// B=kBlock candidates of a task, T=kTile pixels of a task, Wd=ceil(P / 64) words of a packed mask
 
 // One binary for every x86-64 machine: the epilogue is compiled for AVX-512, AVX2 and the
 // baseline, and the loader picks the best (GNU ifunc).
@@ -65,6 +69,10 @@ namespace ms = mask_scores;
 // 200 x 272 map still makes 107 tiles per image, so two threads are never short of tasks.
 constexpr int64_t kBlock = 256;
 constexpr int64_t kTile = 512;
+// Bits of a packed word (matrix_nms_pack's layout: bit b of word w is pixel 64 w + b).
+constexpr int64_t kWordBits = 64;
+static_assert(kTile % kWordBits == 0, "a tile must own whole words of the packed masks");
+constexpr int64_t kTileWords = kTile / kWordBits;
 
 template <typename T>
 inline T* ptr(const at::Tensor& t) {
@@ -76,33 +84,72 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // The epilogue: one row of logits -> (count, soft sum). Always inlined into the SIMD clones.
 
-template <typename prob_t, typename acc_t>
+// kFlags: also store the in-mask test of pixel i as flags[i] = 0 or 1. A byte store per pixel
+// keeps the loop vectorised, where or-ing bits into a word would serialise it on the word.
+template <typename prob_t, bool kFlags, typename acc_t>
 __attribute__((always_inline)) inline void score_row(const acc_t* __restrict z, int64_t count,
                                                      acc_t threshold, int64_t* __restrict area,
-                                                     double* __restrict soft_sum) {
+                                                     double* __restrict soft_sum,
+                                                     uint8_t* __restrict flags) {
   int64_t inside = 0;
   double sum = 0.0;
   for (int64_t i = 0; i < count; ++i) {
     const acc_t s = ms::soft_from_logit<prob_t>(z[i]);
-    inside += ms::in_mask(s, threshold) ? 1 : 0;
+    const bool in = ms::in_mask(s, threshold);
+    inside += in ? 1 : 0;
     sum += static_cast<double>(ms::masked_value(s, threshold));
+    if constexpr (kFlags) flags[i] = in ? 1 : 0;
   }
   *area = inside;
   *soft_sum = sum;
 }
 
+// flags[0 .. count) of 0/1 bytes -> ceil(count / 64) packed words in out; the bits past count
+// are zero. flags must have room for the whole last word (it is zero-filled up to it).
+__attribute__((always_inline)) inline void pack_flags(uint8_t* __restrict flags, int64_t count,
+                                                      uint64_t* __restrict out) {
+  const int64_t words = ceil_div(count, kWordBits);
+  std::memset(flags + count, 0, words * kWordBits - count);
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t word = 0;
+    for (int chunk = 0; chunk < 8; ++chunk) {
+      uint64_t bytes;  // 8 flags, flag j in byte j (little-endian), each 0 or 1
+      std::memcpy(&bytes, flags + w * kWordBits + chunk * 8, sizeof(bytes));
+      // The constant has bit 8i + 7 - i set for i = 0 .. 7: flag j (bit 8j) times it puts a bit
+      // at 8(i + j) + 7 - i, i.e. at 56 + j for i = 7 - j. The products below bit 56 all land
+      // on different bits, so nothing carries into the top byte, which holds the 8 flags.
+      word |= ((bytes * 0x0102040810204080ULL) >> 56) << (chunk * 8);
+    }
+    out[w] = word;
+  }
+}
+
+// One row of logits -> its (count, soft sum) and, when bits is not null, its packed words.
+template <typename prob_t, typename acc_t>
+__attribute__((always_inline)) inline void score_row_packed(const acc_t* z, int64_t count,
+                                                            acc_t threshold, int64_t* area,
+                                                            double* soft_sum, uint64_t* bits) {
+  if (bits == nullptr) {
+    score_row<prob_t, false>(z, count, threshold, area, soft_sum, nullptr);
+    return;
+  }
+  alignas(64) uint8_t flags[kTile];
+  score_row<prob_t, true>(z, count, threshold, area, soft_sum, flags);
+  pack_flags(flags, count, bits);
+}
+
 SOLO_FAST_CPU_CLONES void score_row_f32(const float* z, int64_t count, float threshold,
-                                        int64_t* area, double* soft_sum) {
-  score_row<float>(z, count, threshold, area, soft_sum);
+                                        int64_t* area, double* soft_sum, uint64_t* bits) {
+  score_row_packed<float>(z, count, threshold, area, soft_sum, bits);
 }
 
 template <typename prob_t, typename acc_t>
 void score_row_any(const acc_t* z, int64_t count, acc_t threshold, int64_t* area,
-                   double* soft_sum) {
+                   double* soft_sum, uint64_t* bits) {
   if constexpr (std::is_same_v<prob_t, float>) {
-    score_row_f32(z, count, threshold, area, soft_sum);
+    score_row_f32(z, count, threshold, area, soft_sum, bits);
   } else {
-    score_row<prob_t>(z, count, threshold, area, soft_sum);
+    score_row_packed<prob_t>(z, count, threshold, area, soft_sum, bits);
   }
 }
 
@@ -148,22 +195,26 @@ bool sequential_schedule() {
 // ---------------------------------------------------------------------------------------------
 // The op.
 
-std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cpu(const at::Tensor& kernels_in,
-                                                           const at::Tensor& mask_feats_in,
-                                                           const at::Tensor& image_in,
-                                                           double threshold) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cpu(
+    const at::Tensor& kernels_in, const at::Tensor& mask_feats_in, const at::Tensor& image_in,
+    double threshold, bool pack_masks) {
   constexpr const char* kOp = "dynamic_mask_scores";
   check_dynamic_mask_scores_inputs(kernels_in, mask_feats_in, image_in, kOp);
   const int64_t num = kernels_in.size(0);
   const int64_t images = mask_feats_in.size(0);
   const int64_t pixels = mask_feats_in.size(2);
+  const int64_t words = ceil_div(pixels, kWordBits);
   at::Tensor area = at::zeros({num}, kernels_in.options().dtype(at::kLong));
   at::Tensor soft_sum = at::zeros({num}, kernels_in.options().dtype(at::kDouble));
+  // Every word of a candidate's row is written below (its image's tasks cover every tile).
+  at::Tensor packed = at::empty({pack_masks ? num : 0, words},
+                                kernels_in.options().dtype(at::kLong));  // (K, Wd) or (0, Wd)
   const at::Tensor image = image_in.contiguous();
   const Groups groups = group_by_image(image, images, kOp);
   if (num == 0 || pixels == 0) {
-    return {area, soft_sum};
+    return {area, soft_sum, packed};
   }
+  uint64_t* packed_data = pack_masks ? ptr<uint64_t>(packed) : nullptr;
   // float16 / bfloat16 are multiplied in float32: the kernels are converted here, the features
   // tile by tile while they are packed.
   const auto acc_dtype = at::toOpMathType(mask_feats_in.scalar_type());
@@ -216,7 +267,11 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cpu(const at::Tensor& ker
                         int64_t row_begin, int64_t row_end) {
       for (int64_t r = row_begin; r < row_end; ++r) {
         const int64_t slot = (first + r) * tiles + task.tile;
-        score_row_any<prob_t>(z + r * count, count, thr, &partial_area[slot], &partial_sum[slot]);
+        // The candidate's own row of packed (input order), from the tile's first word.
+        uint64_t* bits = packed_data == nullptr ? nullptr
+            : packed_data + groups.members[first + r] * words + task.tile * kTileWords;
+        score_row_any<prob_t>(z + r * count, count, thr, &partial_area[slot], &partial_sum[slot],
+                              bits);
       }
     };
     auto blocks = [&](const Task& task, auto&& run_block) {
@@ -270,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cpu(const at::Tensor& ker
     area_data[groups.members[m]] = inside;
     sum_data[groups.members[m]] = sum;
   }
-  return {area, soft_sum};
+  return {area, soft_sum, packed};
 }
 
 }  // namespace

@@ -13,6 +13,15 @@
 // partials in a fixed order (double) and scatters the sums back to the callers' order. No atomics:
 // bitwise reproducible on a given GPU.
 //
+// With pack_masks the same epilogue also writes the binary masks, bit-packed as matrix_nms_pack
+// packs them (bit b of word w = pixel 64 w + b). A half-warp holds one row's 128 pixels of the tile
+// as lane tx, pixel tx + 16 j; __ballot_sync over column j gives 16 consecutive bits of the row for
+// each half-warp, so four ballots make a 64-bit word and the tile's two words are word-aligned
+// (kBlockN = 128 pixels from a multiple of 128). Every word belongs to one (candidate tile, pixel
+// tile) pair, so to one block, and one lane of the half-warp stores it (at the candidate's
+// original row): no atomics, no zero-fill, and the bits are the counted pixels, so the popcount
+// of a row is its area.
+//
 // Grid axis x walks the candidate tiles fastest, so the blocks resident at one time read the same
 // pixel tile of mask_feats (from L2; one image's features are 56 MB at E = 256, 200 x 272) while
 // the gathered kernels (1 MB for 1,000 candidates) stay in L2 throughout.
@@ -40,7 +49,8 @@
 #include "dynamic_mask_scores.h"
 #include "op_checks.h"
 
-// N=images, E=mask-feature channels, K=candidates, P=pixels of a mask map, T=candidate tiles
+// N=images, E=mask-feature channels, K=candidates, P=pixels of a mask map, T=candidate tiles,
+// Wd=ceil(P / 64) words of a packed mask
 
 namespace solo_fast {
 namespace {
@@ -67,19 +77,30 @@ static_assert(kLanesN == 16, "a row's threads must be one half-warp");
 static_assert((kBlockM / kThreadM) * kLanesN == kThreads, "one output block per thread");
 static_assert((kBlockM * kBlockK) % kThreads == 0 && (kBlockK * kBlockN) % kThreads == 0,
               "whole shared-tile loads per thread");
+// A packed word: 64 pixels, the columns j of 64 / kLanesN ballots, kBlockN / 64 words a tile.
+constexpr int kWordBits = 64;
+constexpr int kBallotsPerWord = kWordBits / kLanesN;
+constexpr int kWordsPerTile = kBlockN / kWordBits;
+static_assert(kBlockN % kWordBits == 0, "pixel tiles must start and end on word boundaries");
+static_assert(kBallotsPerWord == 4 && kThreadN == kWordsPerTile * kBallotsPerWord,
+              "a thread's kThreadN pixels are the tile's words' ballot columns");
+static_assert(kWordsPerTile <= kLanesN, "one storing lane per word");
 // CUDA limits grid axis y to 65535 blocks; more pixel tiles are taken by a grid-stride loop.
 constexpr int64_t kMaxGridY = 65535;
 
 // Block (t, pixel tiles blockIdx.y, blockIdx.y + gridDim.y, ...): rows [tile_begin[t],
 // tile_end[t]) of the gathered kernels (at most kBlockM, all of image tile_image[t]) against
 // pixels [tile * kBlockN, (tile + 1) * kBlockN) of that image's features. Writes
-// partial_area / partial_soft[row][tile] for each of its rows.
+// partial_area / partial_soft[row][tile] for each of its rows and, unless packed is null, the
+// tile's words of packed[order[row]].
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) scores_partials_kernel(
     const scalar_t* __restrict__ kernels, const scalar_t* __restrict__ feats,
     const int64_t* __restrict__ tile_image, const int64_t* __restrict__ tile_begin,
-    const int64_t* __restrict__ tile_end, int64_t channels, int64_t pixels, int64_t pixel_tiles,
-    acc_t threshold, int32_t* __restrict__ partial_area, double* __restrict__ partial_soft) {
+    const int64_t* __restrict__ tile_end, const int64_t* __restrict__ order, int64_t channels,
+    int64_t pixels, int64_t pixel_tiles, int64_t words, acc_t threshold,
+    int32_t* __restrict__ partial_area, double* __restrict__ partial_soft,
+    int64_t* __restrict__ packed) {
   // Kernels transposed (a row of z per column). The stores run along kk, a stride of kBlockM + 1
   // words: 2-way bank conflicts instead of 16-way at a stride of kBlockM.
   __shared__ acc_t a_tile[kBlockK][kBlockM + 1];
@@ -145,6 +166,7 @@ __global__ void __launch_bounds__(kThreads) scores_partials_kernel(
       const int row = ty * kThreadM + i;
       int32_t inside = 0;
       double sum = 0.0;
+      uint32_t counted_bits = 0;  // bit j: pixel tx + j * kLanesN counted; one register
 #pragma unroll
       for (int j = 0; j < kThreadN; ++j) {
         const acc_t s = ms::soft_from_logit<scalar_t>(acc[i][j]);
@@ -152,6 +174,28 @@ __global__ void __launch_bounds__(kThreads) scores_partials_kernel(
                              ms::in_mask(s, threshold);
         inside += counted ? 1 : 0;
         sum += counted ? static_cast<double>(s) : 0.0;
+        counted_bits |= counted ? 1u << j : 0u;
+      }
+      if (packed != nullptr) {  // uniform: every lane takes the ballots
+        // Ballot bits 0-15 are the even half-warp's row, 16-31 the odd one's: prmt takes this
+        // half-warp's 16 bits of two ballots as one 32-bit half of the word.
+        const unsigned halves = (ty & 1) != 0 ? 0x7632u : 0x5410u;
+#pragma unroll
+        for (int w = 0; w < kWordsPerTile; ++w) {
+          uint32_t ballot[kBallotsPerWord];
+#pragma unroll
+          for (int c = 0; c < kBallotsPerWord; ++c) {
+            ballot[c] = __ballot_sync(0xffffffffu,
+                                      (counted_bits >> (w * kBallotsPerWord + c)) & 1u);
+          }
+          const uint64_t word =
+              static_cast<uint64_t>(__byte_perm(ballot[2], ballot[3], halves)) << 32 |
+              __byte_perm(ballot[0], ballot[1], halves);
+          const int64_t word_index = tile * kWordsPerTile + w;
+          if (tx == w && row < rows && word_index < words) {
+            packed[order[first + row] * words + word_index] = static_cast<int64_t>(word);
+          }
+        }
       }
 #pragma unroll
       for (int offset = kLanesN / 2; offset > 0; offset /= 2) {
@@ -190,10 +234,9 @@ __global__ void __launch_bounds__(kThreads) scores_finalize_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cuda(const at::Tensor& kernels_in,
-                                                            const at::Tensor& mask_feats_in,
-                                                            const at::Tensor& image_in,
-                                                            double threshold) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cuda(
+    const at::Tensor& kernels_in, const at::Tensor& mask_feats_in, const at::Tensor& image_in,
+    double threshold, bool pack_masks) {
   constexpr const char* kOp = "dynamic_mask_scores";
   TORCH_CHECK(mask_feats_in.is_cuda(), kOp, ": mask_feats must be a CUDA tensor, got one on ",
               mask_feats_in.device());
@@ -207,7 +250,11 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cuda(const at::Tensor& ke
               candidates);
   at::Tensor area = at::zeros({candidates}, image_in.options());
   at::Tensor soft_sum = at::zeros({candidates}, image_in.options().dtype(at::kDouble));
-  if (candidates == 0) return {area, soft_sum};
+  // Not zero-filled: the kernel writes every word of every row (see the top of the file).
+  const int64_t words = ceil_div(pixels, kWordBits);
+  at::Tensor packed =  // (K, Wd), or (0, Wd) without pack_masks
+      at::empty({pack_masks ? candidates : 0, words}, mask_feats_in.options().dtype(at::kLong));
+  if (candidates == 0) return {area, soft_sum, packed};
 
   // Candidate tiles: the sorted candidates of image n are [segment[n], segment[n + 1]), taken
   // kBlockM at a time. Stable, so a tile's rows are in ascending k (as the C++ kernel's).
@@ -224,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cuda(const at::Tensor& ke
   const int64_t* h = host.const_data_ptr<int64_t>();
   TORCH_CHECK(h[0] >= 0 && h[1] < images, kOp, ": image must lie in [0, N) = [0, ", images,
               "), got values in [", h[0], ", ", h[1], "]");
-  if (pixels == 0) return {area, soft_sum};
+  if (pixels == 0) return {area, soft_sum, packed};
   const int64_t num_tiles = h[2];
   TORCH_CHECK(num_tiles <= INT_MAX, kOp, ": too many candidate tiles (", num_tiles, ")");
 
@@ -239,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cuda(const at::Tensor& ke
   const at::Tensor tile_end = segment.index_select(0, tile_image.add(1)).contiguous();  // (T,)
   const at::Tensor gathered = kernels_in.index_select(0, order).contiguous();  // (K, E)
   const at::Tensor feats = mask_feats_in.contiguous();  // (N, E, P)
+  const at::Tensor order_contiguous = order.contiguous();  // (K,) sorted position -> candidate
 
   const int64_t pixel_tiles = ceil_div(pixels, kBlockN);
   at::Tensor partial_area =  // (K, pixel tiles)
@@ -254,19 +302,19 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_scores_cuda(const at::Tensor& ke
     scores_partials_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         gathered.const_data_ptr<scalar_t>(), feats.const_data_ptr<scalar_t>(),
         tile_image.const_data_ptr<int64_t>(), tile_begin.const_data_ptr<int64_t>(),
-        tile_end.const_data_ptr<int64_t>(), channels, pixels, pixel_tiles,
-        ms::threshold_as<scalar_t, acc_t>(threshold), partial_area.mutable_data_ptr<int32_t>(),
-        partial_soft.mutable_data_ptr<double>());
+        tile_end.const_data_ptr<int64_t>(), order_contiguous.const_data_ptr<int64_t>(), channels,
+        pixels, pixel_tiles, words, ms::threshold_as<scalar_t, acc_t>(threshold),
+        partial_area.mutable_data_ptr<int32_t>(), partial_soft.mutable_data_ptr<double>(),
+        pack_masks ? packed.mutable_data_ptr<int64_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const at::Tensor order_contiguous = order.contiguous();
   const unsigned finalize_blocks = static_cast<unsigned>(ceil_div(candidates, kWarps));
   scores_finalize_kernel<<<finalize_blocks, kThreads, 0, stream>>>(
       partial_area.const_data_ptr<int32_t>(), partial_soft.const_data_ptr<double>(),
       order_contiguous.const_data_ptr<int64_t>(), candidates, pixel_tiles,
       area.mutable_data_ptr<int64_t>(), soft_sum.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {area, soft_sum};
+  return {area, soft_sum, packed};
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 """SOLOv2's candidate scoring as one fused op on every backend: area and maskness sums of the
-candidates' masks without storing the masks.
+candidates' masks without storing the masks (or, on request, storing them as bits).
 
 At inference SOLOv2 (SPEC §9 steps 3-6) turns each candidate's dynamic kernel into a soft mask
 s = sigmoid(kernel . mask_feats) over the image's H x W mask map, binarises it (s > mask_thr) and
@@ -12,15 +12,24 @@ The compiled kernel (``torch.ops.solo_fast.dynamic_mask_scores``, C++ on CPU, CU
 Triton kernel (``torch.ops.solo_fast.dynamic_mask_scores_triton``) share one contract:
 
 * kernels (K, E), mask_feats (N, E, P) contiguous, one floating dtype; image (K,) int64 in
-  [0, N); threshold a float;
-* -> (area (K,) int64, soft_sum (K,) float64).
+  [0, N); threshold a float; pack_masks a bool;
+* -> (area (K,) int64, soft_sum (K,) float64, packed): with pack_masks, packed is (K, Wd) int64,
+  the binary masks in the layout of ``matrix_nms_pack`` (bit b of word w is pixel 64 w + b of the
+  row-major flattened mask, tail bits zero), row k for candidate k in the input order, a bit set
+  exactly where the pixel counts into area, so popcount(packed[k]) == area[k]; without it an
+  empty (0, Wd) int64 tensor, and nothing is written.
+
+The packed masks are what matrix NMS needs (:class:`~solo_fast.ops.PackedMasks`): the epilogue
+writes them while the logits are in cache (P / 8 bytes a candidate, 6.8 MB for 1,000 candidates at
+200 x 272), so the candidates that reach matrix NMS need no second GEMM for their binary masks.
 
 Float16 / bfloat16 inputs are multiplied and accumulated in float32; soft_sum is accumulated in
 float64 per tile of pixels and the tiles are added in a fixed order, so results do not depend on
 the thread count. There is no autograd: scoring is inference only.
 """
 
-# N=images, E=mask-feature channels, K=candidates, H, W=mask-map size, P=H*W pixels
+# N=images, E=mask-feature channels, K=candidates, H, W=mask-map size, P=H*W pixels,
+# Wd=ceil(P / 64) words of a packed mask
 
 from __future__ import annotations
 
@@ -39,7 +48,8 @@ _FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, *,
-                        threshold: float, backend: str | None = None) -> tuple[Tensor, Tensor]:
+                        threshold: float, backend: str | None = None, pack_masks: bool = False
+                        ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Area and soft sum of every SOLOv2 candidate's mask, fused: no (K, H, W) temporary.
 
     Args:
@@ -53,25 +63,33 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, *,
             compared in the inputs' dtype as torch compares.
         backend: ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; None takes
             ``SOLO_FAST_BACKEND`` or the fastest tested backend for mask_feats' device.
+        pack_masks: Also return every candidate's binary mask, bit-packed.
 
     Returns:
         ``(area, soft_sum)`` on mask_feats' device: area (K,) int64, the number of mask pixels;
         soft_sum (K,) float64, the sum of the soft mask over them. maskness = soft_sum / area.
+        With ``pack_masks=True``, ``(area, soft_sum, packed)``: packed (K, Wd) int64,
+        Wd = ceil(H * W / 64), candidate k's mask in row k in ``matrix_nms_pack``'s layout (bit b
+        of word w is pixel 64 w + b of the row-major H x W mask; tail bits zero), with exactly
+        area[k] bits set; ``PackedMasks(packed, H, W)`` passes them to matrix NMS.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type, dtype, rank, shape or device, or
             an image index is out of range.
     """
-    _check_inputs(kernels, mask_feats, image, threshold)
+    _check_inputs(kernels, mask_feats, image, threshold, pack_masks)
     threshold = float(threshold)
     chosen = choose_backend("dynamic_mask_scores", mask_feats.device, backend)
     if chosen == "reference":
-        return dynamic_mask_scores_reference(kernels, mask_feats, image, threshold=threshold)
+        return dynamic_mask_scores_reference(kernels, mask_feats, image, threshold=threshold,
+                                             pack_masks=pack_masks)
     n, e, h, w = mask_feats.shape
     feats3d = mask_feats.reshape(n, e, h * w).contiguous()  # (N, E, P)
     op = (torch.ops.solo_fast.dynamic_mask_scores_triton if chosen == "triton"
           else torch.ops.solo_fast.dynamic_mask_scores)
-    return op(kernels.contiguous(), feats3d, image.contiguous(), threshold)
+    area, soft_sum, packed = op(kernels.contiguous(), feats3d, image.contiguous(), threshold,
+                                pack_masks)
+    return (area, soft_sum, packed) if pack_masks else (area, soft_sum)
 
 
 def _check_threshold(op: str, threshold: object) -> None:
@@ -80,8 +98,11 @@ def _check_threshold(op: str, threshold: object) -> None:
         raise ValueError(f"{op}: threshold must be a finite number, got {threshold!r}")
 
 
-def _check_inputs(kernels: object, mask_feats: object, image: object, threshold: object) -> None:
+def _check_inputs(kernels: object, mask_feats: object, image: object, threshold: object,
+                  pack_masks: object) -> None:
     op = "dynamic_mask_scores"
+    if not isinstance(pack_masks, bool):
+        raise TypeError(f"{op}: pack_masks must be a bool, got {type(pack_masks).__name__}")
     named = {"kernels": kernels, "mask_feats": mask_feats, "image": image}
     for name, value in named.items():
         if not isinstance(value, Tensor):
@@ -125,18 +146,22 @@ def _check_inputs(kernels: object, mask_feats: object, image: object, threshold:
 # Registration: fake kernels (shapes only, for torch.compile and meta tensors), the same for the
 # compiled op and the Triton op. No autograd: the outputs are counts and thresholded sums.
 
-def _fake(kernels: Tensor, mask_feats: Tensor, image: Tensor, threshold: float):
+def _fake(kernels: Tensor, mask_feats: Tensor, image: Tensor, threshold: float,
+          pack_masks: bool):
     num = kernels.shape[0]
-    return (kernels.new_empty((num,), dtype=torch.int64),
-            kernels.new_empty((num,), dtype=torch.float64))
+    words = (mask_feats.shape[2] + 63) // 64
+    return (mask_feats.new_empty((num,), dtype=torch.int64),
+            mask_feats.new_empty((num,), dtype=torch.float64),
+            mask_feats.new_empty((num if pack_masks else 0, words), dtype=torch.int64))
 
 
 @torch.library.custom_op("solo_fast::dynamic_mask_scores_triton", mutates_args=())
 def _dynamic_mask_scores_triton(kernels: Tensor, mask_feats: Tensor, image: Tensor,
-                                threshold: float) -> tuple[Tensor, Tensor]:
+                                threshold: float, pack_masks: bool
+                                ) -> tuple[Tensor, Tensor, Tensor]:
     from solo_fast.kernels import dynamic_mask_scores as triton_kernels
 
-    return triton_kernels.dynamic_mask_scores(kernels, mask_feats, image, threshold)
+    return triton_kernels.dynamic_mask_scores(kernels, mask_feats, image, threshold, pack_masks)
 
 
 _dynamic_mask_scores_triton.register_fake(_fake)

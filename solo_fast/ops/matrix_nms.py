@@ -18,6 +18,12 @@ the Triton kernels (``torch.ops.solo_fast.matrix_nms_triton_pack/decay``) share 
   segment interact), kernel 0 = gaussian / 1 = linear, sigma -> decay (n,) in areas' dtype, with
   the arithmetic of ``csrc/matrix_nms.h``.
 
+Masks may also come already packed, as a :class:`PackedMasks` (``bits`` (N, Wd) int64 in the
+pack layout above, ``height``, ``width``), e.g. from ``dynamic_mask_scores(..., pack_masks=True)``,
+which writes them while it scores the candidates: the fused backends then skip the pack and pick
+the rows they need from ``bits``; the reference backend unpacks them to bool first. With packed
+input both backends return the kept masks as a :class:`PackedMasks` too.
+
 Results equal the reference's: the same ``keep_inds``, labels and masks, and scores equal up to
 one rounding of exp (the C library's expf against torch's vectorised exp); the tests hold them to
 1e-6 absolute.
@@ -38,23 +44,39 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
-from solo_fast.ops.reference import matrix_nms_reference
+from solo_fast.ops.reference import matrix_nms_reference, unpack_masks_reference
 
-__all__ = ["batched_matrix_nms", "matrix_nms"]
+__all__ = ["PackedMasks", "batched_matrix_nms", "matrix_nms"]
 
 _KERNELS = {"gaussian": 0, "linear": 1}
 _AREA_DTYPES = (torch.float32, torch.float64)
 
 
-def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, filter_thr: float = -1,
-               nms_pre: int = -1, max_num: int = -1, kernel: str = "gaussian",
-               sigma: float = 2.0, mask_area: Tensor | None = None, *,
+class PackedMasks(NamedTuple):
+    """N binary masks of H x W pixels, bit-packed (the layout of ``matrix_nms_pack``).
+
+    Attributes:
+        bits: (N, Wd) int64, Wd = ceil(height * width / 64): bit b of word w of row i is pixel
+            64 w + b of mask i flattened row-major; the bits past height * width are zero.
+        height: H, a non-negative int.
+        width: W, a non-negative int.
+    """
+
+    bits: Tensor
+    height: int
+    width: int
+
+
+def matrix_nms(masks: Tensor | PackedMasks, labels: Tensor, scores: Tensor,
+               filter_thr: float = -1, nms_pre: int = -1, max_num: int = -1,
+               kernel: str = "gaussian", sigma: float = 2.0, mask_area: Tensor | None = None, *,
                backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Matrix NMS of one image's candidates, fused; mmdetection's signature and results.
 
@@ -64,7 +86,8 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, filter_thr: float 
 
     Args:
         masks: (N, H, W) binary masks: bool or uint8 (read in place; nonzero = inside), or
-            floating 0/1 (compared with 0, one bool copy).
+            floating 0/1 (compared with 0, one bool copy); or a :class:`PackedMasks` of N masks
+            (no packing: its rows are used as they are).
         labels: (N,) integer class of each mask.
         scores: (N,) floating scores.
         filter_thr: Keep decayed scores >= filter_thr; no filter when <= 0.
@@ -81,7 +104,8 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, filter_thr: float 
     Returns:
         ``(scores, labels, masks, keep_inds)`` of the kept candidates sorted by decayed score
         (descending): scores (n,) in the promotion of scores' and the areas' dtypes; labels (n,)
-        and masks (n, H, W) in their input dtypes; keep_inds (n,) int64 indices into the inputs.
+        and masks (n, H, W) in their input dtypes (a :class:`PackedMasks` of the n kept rows when
+        masks was one); keep_inds (n,) int64 indices into the inputs.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type, dtype, rank, length or device, or
@@ -89,16 +113,19 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, filter_thr: float 
     """
     op = "matrix_nms"
     _check_inputs(op, masks, labels, scores, mask_area, kernel, sigma)
-    chosen = _choose(op, masks.device, backend)
-    if chosen == "reference" or masks.shape[0] == 0:
-        return matrix_nms_reference(masks, labels, scores, filter_thr=filter_thr,
-                                    nms_pre=nms_pre, max_num=max_num, kernel=kernel,
-                                    sigma=sigma, mask_area=mask_area)
-    num = masks.shape[0]
+    device, num = _device_and_count(masks)
+    chosen = _choose(op, device, backend)
+    if chosen == "reference" or num == 0:
+        out = matrix_nms_reference(_unpacked(masks), labels, scores, filter_thr=filter_thr,
+                                   nms_pre=nms_pre, max_num=max_num, kernel=kernel,
+                                   sigma=sigma, mask_area=mask_area)
+        if isinstance(masks, PackedMasks):  # the kept rows, packed as they came in
+            out = (*out[:2], _rows(masks, out[3]), out[3])
+        return out
     sorted_scores, order = torch.sort(scores, descending=True, stable=True)
     if 0 < nms_pre < num:
         order, sorted_scores = order[:nms_pre], sorted_scores[:nms_pre]
-    segments = torch.tensor([0, len(order)], dtype=torch.int64, device=masks.device)
+    segments = torch.tensor([0, len(order)], dtype=torch.int64, device=device)
     decay = _decay(chosen, masks, labels, order, mask_area, segments, kernel, sigma)
     decayed = sorted_scores * decay
     keep_inds = order
@@ -109,13 +136,14 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, filter_thr: float 
     if 0 < max_num < len(second):
         second, decayed = second[:max_num], decayed[:max_num]
     keep_inds = keep_inds[second]
-    return decayed, labels[keep_inds], masks[keep_inds], keep_inds
+    return decayed, labels[keep_inds], _rows(masks, keep_inds), keep_inds
 
 
-def batched_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, image_ids: Tensor, *,
-                       num_images: int, filter_thr: float = -1, nms_pre: int = -1,
-                       max_num: int = -1, kernel: str = "gaussian", sigma: float = 2.0,
-                       mask_area: Tensor | None = None, backend: str | None = None
+def batched_matrix_nms(masks: Tensor | PackedMasks, labels: Tensor, scores: Tensor,
+                       image_ids: Tensor, *, num_images: int, filter_thr: float = -1,
+                       nms_pre: int = -1, max_num: int = -1, kernel: str = "gaussian",
+                       sigma: float = 2.0, mask_area: Tensor | None = None,
+                       backend: str | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Matrix NMS of a whole batch in one fused call; per image the result of :func:`matrix_nms`.
 
@@ -123,7 +151,8 @@ def batched_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, image_ids:
     different images never interact; ``nms_pre`` and ``max_num`` apply per image.
 
     Args:
-        masks: (N, H, W) binary masks of all images (bool, uint8 or floating 0/1).
+        masks: (N, H, W) binary masks of all images (bool, uint8 or floating 0/1), or a
+            :class:`PackedMasks` of them.
         labels: (N,) integer class of each mask.
         scores: (N,) floating scores.
         image_ids: (N,) integer image of each candidate, in [0, num_images); any order.
@@ -134,10 +163,11 @@ def batched_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, image_ids:
     Returns:
         ``(scores, labels, masks, keep_inds, counts)``: the kept candidates of image 0, then
         image 1, ..., each image's sorted by decayed score (descending) exactly as
-        :func:`matrix_nms` returns them; keep_inds (n,) int64 index the flat inputs; counts (B,)
-        int64 is the number kept per image (``torch.split(keep_inds, counts.tolist())`` gives
-        per-image results). Scores have one dtype for the whole batch, that of the decayed
-        scores (where :func:`matrix_nms` returns an image without candidates in scores' dtype).
+        :func:`matrix_nms` returns them (masks a :class:`PackedMasks` when the input masks were
+        one); keep_inds (n,) int64 index the flat inputs; counts (B,) int64 is the number kept
+        per image (``torch.split(keep_inds, counts.tolist())`` gives per-image results). Scores
+        have one dtype for the whole batch, that of the decayed scores (where
+        :func:`matrix_nms` returns an image without candidates in scores' dtype).
 
     Raises:
         TypeError, ValueError: as :func:`matrix_nms`, and image_ids of the wrong dtype or length,
@@ -146,11 +176,14 @@ def batched_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, image_ids:
     op = "batched_matrix_nms"
     _check_inputs(op, masks, labels, scores, mask_area, kernel, sigma)
     _check_images(op, masks, image_ids, num_images)
-    chosen = _choose(op, masks.device, backend)
-    device = masks.device
+    device, _ = _device_and_count(masks)
+    chosen = _choose(op, device, backend)
     if chosen == "reference":
-        return _batched_reference(masks, labels, scores, image_ids, num_images, filter_thr,
-                                  nms_pre, max_num, kernel, sigma, mask_area)
+        out = _batched_reference(_unpacked(masks), labels, scores, image_ids, num_images,
+                                 filter_thr, nms_pre, max_num, kernel, sigma, mask_area)
+        if isinstance(masks, PackedMasks):  # the kept rows, packed as they came in
+            out = (*out[:2], _rows(masks, out[3]), *out[3:])
+        return out
     # Stable by score, then stable by image: each image's candidates in matrix_nms's order.
     sorted_scores, order = torch.sort(scores, descending=True, stable=True)
     order, ids, sorted_scores = _group_by_image(order, image_ids[order], sorted_scores, nms_pre,
@@ -167,7 +200,26 @@ def batched_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, image_ids:
                                               num_images)
     counts = torch.bincount(ids, minlength=num_images) if len(ids) else \
         torch.zeros(num_images, dtype=torch.int64, device=device)
-    return decayed, labels[keep_inds], masks[keep_inds], keep_inds, counts
+    return decayed, labels[keep_inds], _rows(masks, keep_inds), keep_inds, counts
+
+
+def _device_and_count(masks: Tensor | PackedMasks) -> tuple[torch.device, int]:
+    tensor = masks.bits if isinstance(masks, PackedMasks) else masks
+    return tensor.device, tensor.shape[0]
+
+
+def _rows(masks: Tensor | PackedMasks, index: Tensor) -> Tensor | PackedMasks:
+    """The masks ``index``, in the form they came in."""
+    if isinstance(masks, PackedMasks):
+        return PackedMasks(masks.bits[index], masks.height, masks.width)
+    return masks[index]
+
+
+def _unpacked(masks: Tensor | PackedMasks) -> Tensor:
+    """Bool (N, H, W) masks of a PackedMasks, for the reference; other masks as they are."""
+    if isinstance(masks, PackedMasks):
+        return unpack_masks_reference(masks.bits, masks.height, masks.width)
+    return masks
 
 
 def _group_by_image(order: Tensor, ids: Tensor, values: Tensor, limit: int, num_images: int
@@ -185,19 +237,22 @@ def _group_by_image(order: Tensor, ids: Tensor, values: Tensor, limit: int, num_
     return order, ids, values
 
 
-def _decay(backend: str, masks: Tensor, labels: Tensor, order: Tensor, mask_area: Tensor | None,
-           segments: Tensor, kernel: str, sigma: float) -> Tensor:
+def _decay(backend: str, masks: Tensor | PackedMasks, labels: Tensor, order: Tensor,
+           mask_area: Tensor | None, segments: Tensor, kernel: str, sigma: float) -> Tensor:
     """(n,) decay of the candidates ``order`` (sorted within each segment) by the fused core."""
-    if masks.dtype not in (torch.bool, torch.uint8):
-        masks = masks != 0
     if backend == "triton":
         pack, decay = (torch.ops.solo_fast.matrix_nms_triton_pack,
                        torch.ops.solo_fast.matrix_nms_triton_decay)
     else:
         pack, decay = torch.ops.solo_fast.matrix_nms_pack, torch.ops.solo_fast.matrix_nms_decay
-    # Packing every mask and then picking rows reads the masks once and copies 1/8 of a byte
-    # per pixel; picking the masks first would copy a byte per pixel.
-    packed = pack(masks).index_select(0, order)  # (n, Wd)
+    if isinstance(masks, PackedMasks):
+        packed = masks.bits.index_select(0, order)  # (n, Wd)
+    else:
+        if masks.dtype not in (torch.bool, torch.uint8):
+            masks = masks != 0
+        # Packing every mask and then picking rows reads the masks once and copies 1/8 of a
+        # byte per pixel; picking the masks first would copy a byte per pixel.
+        packed = pack(masks).index_select(0, order)  # (n, Wd)
     if mask_area is None:
         areas = _popcount_rows(packed).to(torch.float32)  # exact: counts < 2^24
     else:
@@ -290,17 +345,23 @@ def _choose(op: str, device: torch.device, backend: str | None) -> str:
 
 def _check_inputs(op: str, masks: object, labels: object, scores: object, mask_area: object,
                   kernel: object, sigma: object) -> None:
-    named = {"masks": masks, "labels": labels, "scores": scores}
+    packed = isinstance(masks, PackedMasks)
+    named = {"masks": masks.bits if packed else masks, "labels": labels, "scores": scores}
     if mask_area is not None:
         named["mask_area"] = mask_area
     for name, value in named.items():
         if not isinstance(value, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if masks.dim() != 3:
+            what = "masks.bits" if packed and name == "masks" else name
+            extra = " or a PackedMasks" if name == "masks" and not packed else ""
+            raise TypeError(f"{op}: {what} must be a torch.Tensor{extra}, got "
+                            f"{type(value).__name__}")
+    if packed:
+        _check_packed(op, masks)
+    elif masks.dim() != 3:
         raise ValueError(f"{op}: masks must be 3-D (N, H, W), got shape {tuple(masks.shape)}")
-    if not (masks.dtype in (torch.bool, torch.uint8) or masks.dtype.is_floating_point):
+    elif not (masks.dtype in (torch.bool, torch.uint8) or masks.dtype.is_floating_point):
         raise TypeError(f"{op}: masks must be bool, uint8 or floating (0/1), got {masks.dtype}")
-    num = masks.shape[0]
+    num = named["masks"].shape[0]
     for name, value in named.items():
         if name != "masks" and (value.dim() != 1 or value.shape[0] != num):
             raise ValueError(f"{op}: {name} must have shape ({num},), one entry per mask, "
@@ -311,10 +372,11 @@ def _check_inputs(op: str, masks: object, labels: object, scores: object, mask_a
         raise TypeError(f"{op}: scores must be floating, got {scores.dtype}")
     if mask_area is not None and mask_area.dtype not in _AREA_DTYPES:
         raise TypeError(f"{op}: mask_area must be float32 or float64, got {mask_area.dtype}")
+    device = named["masks"].device
     for name, value in named.items():
-        if value.device != masks.device:
+        if value.device != device:
             raise ValueError(f"{op}: {name} is on {value.device} but masks is on "
-                             f"{masks.device}; all must be on the same device")
+                             f"{device}; all must be on the same device")
     if not isinstance(kernel, str) or kernel not in _KERNELS:
         raise ValueError(f"{op}: kernel must be one of {tuple(_KERNELS)}, got {kernel!r}")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or (
@@ -323,20 +385,36 @@ def _check_inputs(op: str, masks: object, labels: object, scores: object, mask_a
                          f"with the IoU), got {sigma!r}")
 
 
-def _check_images(op: str, masks: Tensor, image_ids: object, num_images: object) -> None:
+def _check_packed(op: str, masks: PackedMasks) -> None:
+    for name in ("height", "width"):
+        value = getattr(masks, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{op}: masks.{name} must be an int >= 0, got {value!r}")
+    bits = masks.bits
+    if bits.dtype != torch.int64:
+        raise TypeError(f"{op}: masks.bits must be int64 (64 pixels a word), got {bits.dtype}")
+    words = -(-masks.height * masks.width // 64)
+    if bits.dim() != 2 or bits.shape[1] != words:
+        raise ValueError(f"{op}: masks.bits must have shape (N, Wd) with Wd = ceil(height * "
+                         f"width / 64) = ceil({masks.height} * {masks.width} / 64) = {words}, "
+                         f"got {tuple(bits.shape)}")
+
+
+def _check_images(op: str, masks: Tensor | PackedMasks, image_ids: object,
+                  num_images: object) -> None:
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
         raise ValueError(f"{op}: num_images must be an int >= 0, got {num_images!r}")
     if not isinstance(image_ids, Tensor):
         raise TypeError(f"{op}: image_ids must be a torch.Tensor, got {type(image_ids).__name__}")
-    num = masks.shape[0]
+    device, num = _device_and_count(masks)
     if image_ids.dim() != 1 or image_ids.shape[0] != num:
         raise ValueError(f"{op}: image_ids must have shape ({num},), one entry per mask, "
                          f"got {tuple(image_ids.shape)}")
     if image_ids.dtype != torch.int64:
         raise TypeError(f"{op}: image_ids must be int64, got {image_ids.dtype}")
-    if image_ids.device != masks.device:
+    if image_ids.device != device:
         raise ValueError(f"{op}: image_ids is on {image_ids.device} but masks is on "
-                         f"{masks.device}; all must be on the same device")
+                         f"{device}; all must be on the same device")
     if num and image_ids.device.type != "meta":
         low, high = torch.stack([image_ids.min(), image_ids.max()]).tolist()
         if low < 0 or high >= num_images:

@@ -12,7 +12,8 @@ from torch import Tensor
 
 __all__ = ["decoupled_dice_loss_reference", "decoupled_mask_scores_reference",
            "dice_loss_reference", "dynamic_mask_dice_loss_reference",
-           "dynamic_mask_scores_reference", "matrix_nms_reference"]
+           "dynamic_mask_scores_reference", "matrix_nms_reference", "pack_masks_reference",
+           "unpack_masks_reference"]
 
 
 def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
@@ -225,8 +226,47 @@ def _empty_matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor
             torch.zeros(0, dtype=torch.int64, device=labels.device))
 
 
+_WORD_BITS = 64
+
+
+def pack_masks_reference(masks: Tensor) -> Tensor:
+    """Binary masks bit-packed, in the layout of the ``matrix_nms_pack`` op.
+
+    Args:
+        masks: (n, H, W) bool (or 0/1 of any dtype: nonzero = inside).
+
+    Returns:
+        (n, Wd) int64, Wd = ceil(H * W / 64): bit b of word w is pixel 64 w + b of the row-major
+        flattened mask; the bits past H * W are zero.
+    """
+    # n=masks, P=H*W pixels, Wd=words
+    num = masks.shape[0]
+    pixels = masks.shape[1] * masks.shape[2]
+    words = -(-pixels // _WORD_BITS)
+    if words == 0:  # torch cannot view the empty bytes of this case as int64
+        return torch.zeros((num, 0), dtype=torch.int64, device=masks.device)
+    flat = torch.zeros((num, words * _WORD_BITS), dtype=torch.uint8, device=masks.device)
+    flat[:, :pixels] = masks.reshape(num, pixels) != 0  # (n, Wd * 64), the tail zero
+    # 8 pixels -> a byte (distinct powers of two: their sum is their OR); 8 bytes -> a word,
+    # byte j holding pixels 8j .. 8j + 7 (torch's int64 is little-endian on every platform)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=masks.device)
+    return (flat.view(num, words * 8, 8) * weights).sum(2, dtype=torch.uint8).view(
+        torch.int64)  # (n, Wd * 8) bytes -> (n, Wd)
+
+
+def unpack_masks_reference(packed: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of :func:`pack_masks_reference`: (n, Wd) int64 -> (n, height, width) bool."""
+    # n=masks, Wd=words
+    num, words = packed.shape
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.contiguous().view(torch.uint8)[:, :, None] >> shifts) & 1  # (n, Wd * 8, 8)
+    return bits.reshape(num, words * _WORD_BITS)[:, :height * width].bool().reshape(
+        num, height, width)  # (n, Wd * 64) -> (n, H, W)
+
+
 def dynamic_mask_scores_reference(kernels: Tensor, mask_feats: Tensor, image: Tensor, *,
-                                  threshold: float) -> tuple[Tensor, Tensor]:
+                                  threshold: float, pack_masks: bool = False
+                                  ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Area and soft sum of SOLOv2's candidate masks (mmdetection ``SOLOV2Head``, SPEC §9 3-6).
 
     Per image, as mmdetection does: the candidates' soft masks are the 1 x 1 convolution of the
@@ -240,17 +280,24 @@ def dynamic_mask_scores_reference(kernels: Tensor, mask_feats: Tensor, image: Te
         image: (K,) int64 in [0, N), the image of each candidate, any order.
         threshold: the mask threshold (mmdetection's ``mask_thr``, 0.5), compared in the soft
             masks' dtype.
+        pack_masks: Also return the binary masks, bit-packed (:func:`pack_masks_reference`).
 
     Returns:
         ``(area, soft_sum)``: area (K,) int64, the pixel count of ``soft > threshold``;
-        soft_sum (K,) float64, the sum of ``soft`` over those pixels.
+        soft_sum (K,) float64, the sum of ``soft`` over those pixels. With ``pack_masks``,
+        ``(area, soft_sum, packed)``: packed (K, Wd) int64, Wd = ceil(H * W / 64), row k the
+        packed ``soft > threshold`` of candidate k.
     """
-    # K=candidates, E=mask-feature channels, N=images, H, W=mask-map size
+    # K=candidates, E=mask-feature channels, N=images, H, W=mask-map size, Wd=packed words
     num = kernels.shape[0]
+    height, width = mask_feats.shape[-2:]
     area = torch.zeros(num, dtype=torch.int64, device=kernels.device)
     soft_sum = torch.zeros(num, dtype=torch.float64, device=kernels.device)
-    if mask_feats.shape[-2:].numel() == 0:  # no pixel: F.conv2d would reject the empty map
-        return area, soft_sum
+    packed = torch.zeros((num, -(-height * width // _WORD_BITS)), dtype=torch.int64,
+                         device=kernels.device)  # (K, Wd)
+    result = (area, soft_sum, packed) if pack_masks else (area, soft_sum)
+    if height * width == 0:  # no pixel: F.conv2d would reject the empty map
+        return result
     for n in range(mask_feats.shape[0]):
         members = (image == n).nonzero().squeeze(1)
         if members.numel() == 0:
@@ -260,7 +307,9 @@ def dynamic_mask_scores_reference(kernels: Tensor, mask_feats: Tensor, image: Te
         masks = soft > threshold
         area[members] = masks.sum((1, 2))
         soft_sum[members] = (soft * masks).sum((1, 2), dtype=torch.float64)
-    return area, soft_sum
+        if pack_masks:
+            packed[members] = pack_masks_reference(masks)
+    return result
 
 
 def decoupled_mask_scores_reference(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: Tensor,

@@ -1,19 +1,25 @@
 """solo_fast.ops.dynamic_mask_scores: every backend against the PyTorch reference."""
 
-# N=images, E=mask-feature channels, K=candidates, H, W=mask-map size, P=H*W pixels
+# N=images, E=mask-feature channels, K=candidates, H, W=mask-map size, P=H*W pixels,
+# Wd=ceil(P / 64) words of a packed mask
 
 from __future__ import annotations
 
 import itertools
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from solo_fast.ops import available_backends, dynamic_mask_scores
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
-from solo_fast.ops.reference import dynamic_mask_scores_reference
+from solo_fast.ops.reference import (
+    dynamic_mask_scores_reference,
+    pack_masks_reference,
+    unpack_masks_reference,
+)
 from tests.ops.helpers import peak_memory_increase
 
 CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
@@ -56,15 +62,38 @@ def _require(backend: str, device: str = "cpu") -> None:
         f"backend {backend} is not available on {device}: {available_backends(device)}")
 
 
+def _popcount(packed: torch.Tensor) -> torch.Tensor:
+    """(K,) set bits per row of (K, Wd) int64, counted by numpy (independent of the ops)."""
+    bits = np.unpackbits(packed.cpu().numpy().view(np.uint8), axis=1)  # (K, Wd * 64)
+    return torch.from_numpy(bits.sum(1, dtype=np.int64))
+
+
+def _check_packed(packed, area, feats):
+    """packed is (K, Wd) int64 on feats' device, with exactly area[k] bits in row k."""
+    words = (feats.shape[-2] * feats.shape[-1] + 63) // 64
+    assert packed.dtype == torch.int64 and packed.device == feats.device
+    assert packed.shape == (len(area), words)
+    assert torch.equal(_popcount(packed), area.cpu())
+
+
 def _compare(backend, inputs, *, threshold=0.5, rtol=None):
+    """Every output of the backend, packed masks included, against the reference's; the call
+    without packing gives the same area and soft sums."""
     kernels, feats, image = inputs
     rtol = {torch.float64: 1e-12}.get(kernels.dtype, 1e-6) if rtol is None else rtol
-    area, soft_sum = dynamic_mask_scores(*inputs, threshold=threshold, backend=backend)
-    ref_area, ref_soft_sum = dynamic_mask_scores_reference(*inputs, threshold=threshold)
+    area, soft_sum, packed = dynamic_mask_scores(*inputs, threshold=threshold, backend=backend,
+                                                 pack_masks=True)
+    ref_area, ref_soft_sum, ref_packed = dynamic_mask_scores_reference(
+        *inputs, threshold=threshold, pack_masks=True)
     assert area.dtype == torch.int64 and area.shape == image.shape
     assert soft_sum.dtype == torch.float64 and soft_sum.shape == image.shape
     assert torch.equal(area, ref_area)
     torch.testing.assert_close(soft_sum, ref_soft_sum, rtol=rtol, atol=1e-30)
+    _check_packed(packed, area, feats)
+    assert torch.equal(packed, ref_packed)
+    unpacked = dynamic_mask_scores(*inputs, threshold=threshold, backend=backend)
+    assert len(unpacked) == 2
+    assert torch.equal(unpacked[0], area) and torch.equal(unpacked[1], soft_sum)
     return area, soft_sum
 
 
@@ -131,6 +160,43 @@ def test_empty_inputs(backend, num_images, channels, size, num):
     area, soft_sum = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
     assert area.shape == (num,) and area.dtype == torch.int64 and not area.any()
     assert soft_sum.shape == (num,) and soft_sum.dtype == torch.float64 and not soft_sum.any()
+    words = (size[0] * size[1] + 63) // 64  # 0 for an empty map
+    *_, packed = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend, pack_masks=True)
+    assert packed.shape == (num, words) and packed.dtype == torch.int64 and not packed.any()
+
+
+@pytest.mark.parametrize("op", ["dynamic_mask_scores", "dynamic_mask_scores_triton"])
+@pytest.mark.parametrize("num", [0, 5])
+@pytest.mark.parametrize("size", [(7, 9), (8, 8), (37, 53)])
+def test_the_ops_third_output_without_packing_is_empty(op, num, size):
+    """pack_masks=False: an empty (0, Wd) int64 tensor; with it, (K, Wd) (P = 63, 64, 1961)."""
+    _require("triton" if op.endswith("triton") else "cpu")
+    kernels, feats, image = make_dynamic_inputs(2, 5, size, num, seed=3)
+    feats3d = feats.reshape(2, 5, -1)  # (N, E, P)
+    words = (size[0] * size[1] + 63) // 64
+    call = getattr(torch.ops.solo_fast, op)
+    area, soft_sum, packed = call(kernels, feats3d, image, 0.5, False)
+    assert packed.shape == (0, words) and packed.dtype == torch.int64
+    area_packed, soft_sum_packed, packed = call(kernels, feats3d, image, 0.5, True)
+    assert packed.shape == (num, words) and packed.dtype == torch.int64
+    assert torch.equal(area, area_packed) and torch.equal(soft_sum, soft_sum_packed)
+    _check_packed(packed, area, feats)
+
+
+def test_reference_packing_is_numpys_little_endian_bit_order():
+    """The reference packs as np.packbits(bitorder="little") on the flattened masks, zero tail,
+    and unpack_masks_reference inverts it, whatever the mask size (around 64 | P)."""
+    generator = torch.Generator().manual_seed(1)
+    for size in [(0, 3), (1, 1), (7, 9), (8, 8), (5, 13), (37, 53)]:
+        masks = torch.rand((6, *size), generator=generator) > 0.5
+        masks[0] = True  # every bit, the sign bit of the words included
+        packed = pack_masks_reference(masks)
+        words = (size[0] * size[1] + 63) // 64
+        flat = np.zeros((6, words * 64), dtype=bool)
+        flat[:, :size[0] * size[1]] = masks.reshape(6, -1).numpy()
+        expected = np.packbits(flat, axis=1, bitorder="little").view("<i8")  # (6, Wd)
+        assert packed.shape == (6, words) and np.array_equal(packed.numpy(), expected)
+        assert torch.equal(unpack_masks_reference(packed, *size), masks)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -143,7 +209,8 @@ def test_half_inputs(backend, dtype):
         pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
                     "interpreter has no bfloat16, KERNELS.md section 3")
     kernels, feats, image = make_dynamic_inputs(2, 9, (21, 29), 12, dtype=dtype, seed=5)
-    area, soft_sum = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend=backend)
+    area, soft_sum, packed = dynamic_mask_scores(kernels, feats, image, threshold=0.5,
+                                                 backend=backend, pack_masks=True)
     # The soft masks torch would store: exact logits (float64), rounded to dtype, sigmoid,
     # rounded again.
     logits = torch.einsum("ke,kehw->khw", kernels.double(), feats.double()[image])  # (K, H, W)
@@ -152,6 +219,8 @@ def test_half_inputs(backend, dtype):
     assert torch.equal(area, masks.sum((1, 2)))
     torch.testing.assert_close(soft_sum, (soft.double() * masks).sum((1, 2)), rtol=1e-6,
                                atol=0)
+    _check_packed(packed, area, feats)
+    assert torch.equal(packed, pack_masks_reference(masks))
 
 
 def test_cpu_result_does_not_depend_on_the_thread_count_or_schedule():
@@ -161,11 +230,12 @@ def test_cpu_result_does_not_depend_on_the_thread_count_or_schedule():
     schedule = os.environ.pop("SOLO_FAST_SCORES_SCHEDULE", None)
     try:
         torch.set_num_threads(1)
-        single = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
+        single = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu", pack_masks=True)
         torch.set_num_threads(threads)
-        several = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
+        several = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu", pack_masks=True)
         os.environ["SOLO_FAST_SCORES_SCHEDULE"] = "gemm"
-        sequential = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
+        sequential = dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu", pack_masks=True)
+        _compare("cpu", make_dynamic_inputs(1, 7, (37, 53), 300, seed=8))  # blocks, ragged tiles
     finally:
         torch.set_num_threads(threads)
         os.environ.pop("SOLO_FAST_SCORES_SCHEDULE", None)
@@ -179,17 +249,19 @@ def test_cpu_result_does_not_depend_on_the_thread_count_or_schedule():
         assert torch.equal(a, b)
 
 
-def test_opcheck_compiled_op():
+@pytest.mark.parametrize("pack_masks", [False, True])
+def test_opcheck_compiled_op(pack_masks):
     assert has_ops(), "solo_fast._C is not built"
     kernels, feats, image = make_dynamic_inputs(2, 5, (9, 13), 11)
-    args = (kernels, feats.reshape(2, 5, -1), image, 0.5)  # mask_feats (N, E, P)
+    args = (kernels, feats.reshape(2, 5, -1), image, 0.5, pack_masks)  # mask_feats (N, E, P)
     torch.library.opcheck(torch.ops.solo_fast.dynamic_mask_scores.default, args)
 
 
-def test_opcheck_triton_op():
+@pytest.mark.parametrize("pack_masks", [False, True])
+def test_opcheck_triton_op(pack_masks):
     _require("triton")
     kernels, feats, image = make_dynamic_inputs(1, 3, (5, 7), 4)
-    args = (kernels, feats.reshape(1, 3, -1), image, 0.5)  # mask_feats (N, E, P)
+    args = (kernels, feats.reshape(1, 3, -1), image, 0.5, pack_masks)  # mask_feats (N, E, P)
     torch.library.opcheck(torch.ops.solo_fast.dynamic_mask_scores_triton.default, args)
 
 
@@ -203,14 +275,20 @@ def test_fused_scoring_stores_no_soft_masks():
     def fused():
         dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu")
 
+    def fused_packed():
+        dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu", pack_masks=True)
+
     def reference():
         dynamic_mask_scores(*inputs, threshold=0.5, backend="reference")
 
     fused()  # first-call costs (thread pool, MKL buffers) are not the op's
     fused_peak = peak_memory_increase(fused)
+    packed_peak = peak_memory_increase(fused_packed)
     reference_peak = peak_memory_increase(reference)
     # Partials (K x 107 tiles x 16 B = 0.3 MB) and one 512 KiB logit buffer per thread.
     assert fused_peak <= 4 * 2**20, fused_peak
+    # ... and the packed masks, K x P / 8 bytes = 1.36 MB.
+    assert packed_peak <= 4 * 2**20 + 200 * 850 * 8, packed_peak
     assert reference_peak >= 2 * soft_bytes, (reference_peak, soft_bytes)
 
 
@@ -234,6 +312,7 @@ def _bad_arguments():
     (dict(kernels=torch.randn(3, 3, device="meta")), "kernels is on meta but mask_feats is on cpu"),
     (dict(threshold=float("nan")), "threshold must be a finite number"),
     (dict(threshold="0.5"), "threshold must be a finite number"),
+    (dict(pack_masks=1), "pack_masks must be a bool, got int"),
     (dict(kernels=[1.0, 2.0]), "kernels must be a torch.Tensor"),
     (dict(backend="gpu"), "backend must be one of reference, cpu, cuda, triton"),
 ])
@@ -256,7 +335,7 @@ def test_the_kernels_check_index_ranges_themselves(op):
     kernels, feats, _ = make_dynamic_inputs(2, 3, (4, 5), 3)
     with pytest.raises((RuntimeError, ValueError), match="image"):
         getattr(torch.ops.solo_fast, op)(kernels, feats.reshape(2, 3, -1),
-                                         torch.tensor([0, 1, 2]), 0.5)
+                                         torch.tensor([0, 1, 2]), 0.5, True)
 
 
 def test_traces_under_torch_compile():
@@ -267,8 +346,16 @@ def test_traces_under_torch_compile():
         area, soft_sum = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend="cpu")
         return soft_sum / area.clamp(min=1)
 
-    expected_area, expected_sum = dynamic_mask_scores_reference(*inputs, threshold=0.5)
+    expected_area, expected_sum, expected_packed = dynamic_mask_scores_reference(
+        *inputs, threshold=0.5, pack_masks=True)
     torch.testing.assert_close(score(*inputs), expected_sum / expected_area.clamp(min=1))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def packed(kernels, feats, image):
+        return dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend="cpu",
+                                   pack_masks=True)[2]
+
+    assert torch.equal(packed(*inputs), expected_packed)
 
 
 @pytest.mark.gpu
@@ -281,7 +368,9 @@ def test_gpu_matches_reference(backend, dtype, num_images, channels, size, num):
     _require(backend, "cuda")
     inputs = make_dynamic_inputs(num_images, channels, size, num, dtype=dtype, device="cuda",
                                  seed=num)
-    area, soft_sum = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
+    area, soft_sum, packed = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend,
+                                                 pack_masks=True)
+    _check_packed(packed, area, inputs[1])
     # Exact logits (float64 sums of multiples of 1/64), then the sigmoid and the comparison in
     # the inputs' dtype, as torch stores them. float32 holds every such logit exactly; float16 /
     # bfloat16 only while |z| < 32 (E <= 16 here), so at E = 256 they get a tolerance band.
@@ -294,11 +383,14 @@ def test_gpu_matches_reference(backend, dtype, num_images, channels, size, num):
         assert torch.equal(area.cpu(), masks.sum((1, 2)))
         torch.testing.assert_close(soft_sum.cpu(), (soft.double() * masks).sum((1, 2)),
                                    rtol=1e-5, atol=0)
+        assert torch.equal(packed.cpu(), pack_masks_reference(masks))
     else:
         soft = logits.sigmoid()
         near = ((soft - 0.5).abs() < 2e-3).sum((1, 2))
         assert ((area.cpu() - (soft > 0.5).sum((1, 2))).abs() <= near).all()
-    # Deterministic: a second run gives the same bits.
-    again = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
-    for a, b in zip((area, soft_sum), again):
+    # Deterministic: a second run gives the same bits; without packing, the same scores.
+    again = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend, pack_masks=True)
+    for a, b in zip((area, soft_sum, packed), again):
         assert torch.equal(a, b)
+    unpacked = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
+    assert torch.equal(unpacked[0], area) and torch.equal(unpacked[1], soft_sum)

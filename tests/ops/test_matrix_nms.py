@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from solo_fast.ops import available_backends, batched_matrix_nms, matrix_nms
+from solo_fast.ops import PackedMasks, available_backends, batched_matrix_nms, matrix_nms
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
-from solo_fast.ops.reference import matrix_nms_reference
+from solo_fast.ops.reference import (
+    matrix_nms_reference,
+    pack_masks_reference,
+    unpack_masks_reference,
+)
 
 # N=candidates, B=images, H, W=mask size, P=H*W, Wd=packed words = ceil(P / 64)
 
@@ -435,6 +439,75 @@ def test_batched_empty(backend):
         assert scores.shape == labels.shape == keep_inds.shape == (0,)
         assert out_masks.shape == (0, 5, 7) and keep_inds.dtype == torch.int64
         assert counts.tolist() == [0] * num_images
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed masks in (PackedMasks, as dynamic_mask_scores(pack_masks=True) writes them): exactly the
+# results of the same call with the bool masks, the kept masks returned packed.
+
+def _assert_same_packed(actual, expected):
+    """actual (from PackedMasks) equals expected (from the bool masks), bit for bit."""
+    packed = actual[2]
+    assert isinstance(packed, PackedMasks)
+    assert (packed.height, packed.width) == tuple(expected[2].shape[1:])
+    assert torch.equal(packed.bits, pack_masks_reference(expected[2]))
+    assert torch.equal(unpack_masks_reference(*packed), expected[2])
+    for a, b in zip(actual[:2] + actual[3:], expected[:2] + expected[3:]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("num,size", [(0, (7, 9)), (1, (7, 9)), (40, (7, 9)), (40, (8, 8)),
+                                      (40, (23, 37))], ids=lambda v: str(v))
+@pytest.mark.parametrize("options", [
+    {}, {"filter_thr": 0.3, "nms_pre": 25, "max_num": 10, "kernel": "linear"},
+    {"mask_area": "given", "sigma": 1.0}], ids=["plain", "limits_linear", "area_given"])
+def test_packed_masks_give_the_bool_masks_results(backend, num, size, options):
+    _require(backend)
+    masks, labels, scores = make_nms_inputs(num, size, seed=num + size[0], ties=True)
+    if options.get("mask_area") == "given":
+        options = {**options, "mask_area": masks.sum((1, 2)).double() + 1}
+    packed = PackedMasks(pack_masks_reference(masks), *size)
+    _assert_same_packed(matrix_nms(packed, labels, scores, backend=backend, **options),
+                        matrix_nms(masks, labels, scores, backend=backend, **options))
+    image_ids = torch.arange(num) % 3  # image 3 has no candidate
+    _assert_same_packed(
+        batched_matrix_nms(packed, labels, scores, image_ids, num_images=4, backend=backend,
+                           **options),
+        batched_matrix_nms(masks, labels, scores, image_ids, num_images=4, backend=backend,
+                           **options))
+
+
+_BITS = torch.zeros(3, 1, dtype=torch.int64)  # three 4 x 4 masks: one word each
+
+
+@pytest.mark.parametrize("masks,error,match", [
+    (PackedMasks(_BITS.int(), 4, 4), TypeError,
+     "masks.bits must be int64 .64 pixels a word., got torch.int32"),
+    (PackedMasks(torch.zeros(3, 2, dtype=torch.int64), 4, 4), ValueError,
+     r"masks.bits must have shape \(N, Wd\) with Wd = ceil\(height \* width / 64\) = "
+     r"ceil\(4 \* 4 / 64\) = 1, got \(3, 2\)"),
+    (PackedMasks(_BITS[:, 0], 4, 4), ValueError, r"masks.bits must have shape .*got \(3,\)"),
+    (PackedMasks(_BITS, 4, 20), ValueError, r"Wd = ceil\(height \* width / 64\) .* = 2"),
+    (PackedMasks(_BITS, -4, 4), ValueError, "masks.height must be an int >= 0, got -4"),
+    (PackedMasks(_BITS, 4, 4.0), ValueError, "masks.width must be an int >= 0, got 4.0"),
+    (PackedMasks(_BITS, True, 4), ValueError, "masks.height must be an int >= 0, got True"),
+    (PackedMasks(_BITS.numpy(), 4, 4), TypeError,
+     "masks.bits must be a torch.Tensor, got ndarray"),
+    (PackedMasks(_BITS[:2], 4, 4), ValueError,
+     r"labels must have shape \(2,\), one entry per mask, got \(3,\)"),
+    (PackedMasks(_BITS.to("meta"), 4, 4), ValueError, "labels is on cpu but masks is on meta"),
+    ((_BITS, 4, 4), TypeError, "masks must be a torch.Tensor or a PackedMasks, got tuple"),
+])
+@pytest.mark.parametrize("batched", [False, True])
+def test_bad_packed_masks_name_the_argument(masks, error, match, batched):
+    _, labels, scores = _good()
+    with pytest.raises(error, match=match):
+        if batched:
+            batched_matrix_nms(masks, labels, scores, torch.zeros(3, dtype=torch.int64),
+                               num_images=1)
+        else:
+            matrix_nms(masks, labels, scores)
 
 
 # ----------------------------------------------------------------------------------------------
