@@ -42,7 +42,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(work_dir=Path(args.work_dir), preset=args.preset,
                             overrides=parse_overrides(args.set), num_train=args.num_train,
-                            num_val=args.num_val, workers=args.workers, device=args.device)
+                            num_val=args.num_val, workers=args.workers, device=args.device,
+                            amp=not args.no_amp)
     try:
         run_demo(settings)
     finally:
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-val", type=int, default=50, help="held-out images (50)")
     demo.add_argument("--workers", type=int, default=1, help="data-loading processes (1)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    demo.add_argument("--no-amp", action="store_true",
+                      help="train in float32 (default: bf16 mixed precision on CPU, fp16 on CUDA)")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser(
