@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="make the synthetic data set, train on it, evaluate, draw overlays",
         description="The whole loop with no download: writes the synthetic textured-shapes data "
                     "set, trains a Light SOLOv2 (or --preset) on it, reports COCO mask AP on the "
-                    "held-out split and draws overlays. About 10 minutes on 2 CPU cores; an "
+                    "held-out split and draws overlays. About 14 minutes on 2 CPU cores; an "
                     "interrupted demo resumes where it stopped.")
     demo.add_argument("--work-dir", default="solo_fast_demo",
                       help="where the data, checkpoints, metrics and overlays go (solo_fast_demo)")

@@ -1,10 +1,11 @@
 """``solo-fast demo``: the whole loop on the embedded synthetic data set, no download.
 
-1. Writes the textured-shapes COCO data set (:func:`solo_fast.data.make_shapes`).
+1. Writes the shapes COCO data set (:func:`solo_fast.data.make_shapes`) in its easier variant,
+   :data:`DEMO_SHAPES`.
 2. Trains a preset on its training split (Light SOLOv2 R18 by default) with the settings of
    :data:`DEMO_OVERRIDES`: the backbone trained from scratch (there are no pretrained weights
-   without a download, so nothing is frozen and BatchNorm learns), one small training scale, a
-   short warmup and schedule.
+   without a download, so nothing is frozen and BatchNorm learns), one small training scale,
+   AdamW, bf16 mixed precision on CPU.
 3. Evaluates COCO mask and box AP on the held-out split (streaming RLE evaluation).
 4. Writes overlay pictures of held-out images and a summary (``summary.json``).
 

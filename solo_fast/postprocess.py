@@ -298,14 +298,19 @@ class _PostProcessor:
     def _final_masks(self, soft: Tensor, canvas: tuple[int, int], image_size: tuple[int, int],
                      original_size: tuple[int, int]) -> Tensor:
         """(K, H4, W4) soft masks -> (K, H0, W0) bool at the original image size."""
+        return self._final_soft(soft, canvas, image_size, original_size) > self.test_cfg.mask_thr
+
+    def _final_soft(self, soft: Tensor, canvas: tuple[int, int], image_size: tuple[int, int],
+                    original_size: tuple[int, int]) -> Tensor:
+        """(K, H4, W4) soft masks -> (K, H0, W0) soft masks at the original image size."""
         height, width = (int(v) for v in image_size)
         original = tuple(int(v) for v in original_size)
         if soft.shape[0] == 0:
-            return torch.zeros(0, *original, dtype=torch.bool, device=soft.device)
+            return soft.new_zeros((0, *original))
         up = F.interpolate(soft[None], size=canvas, mode="bilinear", align_corners=False)
         up = up[:, :, :height, :width]  # (1, K, image h, image w): crop away the padding
         up = F.interpolate(up, size=original, mode="bilinear", align_corners=False)
-        return up[0] > self.test_cfg.mask_thr
+        return up[0]
 
     def _check_levels(self, tensors: Sequence[Tensor], name: str,
                       channels: Callable[[int], int] | None = None) -> None:

@@ -237,23 +237,60 @@ def _final_chunks(processor: Any, source: MaskSource, index: Tensor, canvas: tup
                   image_size: tuple[int, int], original_size: tuple[int, int],
                   mask_format: str) -> tuple[Tensor | list[dict[str, Any]], Tensor]:
     """Final masks (bool (k, H0, W0) or k RLE dicts) and boxes of one image, chunk by chunk."""
-    from solo_fast.postprocess import masks_to_boxes
-
     original = tuple(int(v) for v in original_size)
     device = index.device
     boxes = torch.zeros((len(index), 4), dtype=torch.float32, device=device)
     dense = (torch.zeros((len(index), *original), dtype=torch.bool, device=device)
              if mask_format == "bool" else None)
     encoded: list[dict[str, Any]] = []
+    threshold = processor.test_cfg.mask_thr
     for start in range(0, len(index), RESIZE_CHUNK):
-        chunk = processor._final_masks(source.soft(index[start:start + RESIZE_CHUNK]), canvas,
-                                       image_size, original)  # (k, H0, W0) bool
-        boxes[start:start + len(chunk)] = masks_to_boxes(chunk)
+        soft = processor._final_soft(source.soft(index[start:start + RESIZE_CHUNK]), canvas,
+                                     image_size, original)  # (k, H0, W0)
+        chunk = soft > threshold  # (k, H0, W0) bool
+        boxes[start:start + len(chunk)] = _boxes_of_thresholded(soft, threshold)
+        del soft
         if dense is None:
             encoded += encode_rle(chunk)
         else:
             dense[start:start + len(chunk)] = chunk
     return (encoded if dense is None else dense), boxes
+
+
+def _boxes_of_thresholded(soft: Tensor, threshold: float) -> Tensor:
+    """:func:`~solo_fast.postprocess.masks_to_boxes` of ``soft > threshold`` from the soft masks'
+    row and column maxima: a row holds a mask pixel exactly when its maximum passes the threshold,
+    and float max-reductions run SIMD where torch's reductions over bool do not. A NaN (a broken
+    model's output) makes its row's maximum NaN, which would hide the row's other pixels: then the
+    boxes come from the bool masks instead.
+
+    Args:
+        soft: (K, H, W) floating.
+        threshold: The mask threshold.
+
+    Returns:
+        (K, 4) float32 boxes, as masks_to_boxes returns them.
+    """
+    num, height, width = soft.shape
+    if soft.numel() == 0:
+        return torch.zeros(num, 4, dtype=torch.float32, device=soft.device)
+    row_max = soft.amax(2)  # (K, H)
+    if bool(row_max.isnan().any()):
+        from solo_fast.postprocess import masks_to_boxes
+
+        return masks_to_boxes(soft > threshold)
+    rows = row_max > threshold  # (K, H)
+    cols = soft.amax(1) > threshold  # (K, W)
+
+    def span(hit: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        index = torch.arange(size, device=soft.device)
+        return (torch.where(hit, index, size).amin(1),
+                torch.where(hit, index, -1).amax(1) + 1)
+
+    x1, x2 = span(cols, width)
+    y1, y2 = span(rows, height)
+    boxes = torch.stack([x1, y1, x2, y2], 1).float()  # (K, 4)
+    return boxes * rows.any(1, keepdim=True)
 
 
 # ------------------------------------------------------------------ the families' mask sources

@@ -167,13 +167,13 @@ def test_small_chunks_give_the_same_results(family, monkeypatch):
     expected = make(None)(outputs, **SIZES)
     processor = make(None)
     seen = []
-    final_masks = processor._final_masks
+    final_soft = processor._final_soft
 
     def spy(soft, *args):
         seen.append(len(soft))
-        return final_masks(soft, *args)
+        return final_soft(soft, *args)
 
-    monkeypatch.setattr(processor, "_final_masks", spy)
+    monkeypatch.setattr(processor, "_final_soft", spy)
     monkeypatch.setattr(fused, "MASK_CHUNK", 5)
     monkeypatch.setattr(fused, "RESIZE_CHUNK", 3)
     _assert_same(processor(outputs, **SIZES), expected)
@@ -403,3 +403,20 @@ def test_gpu_fused_matches_cpu_reference_path(family, op_backend):
         assert torch.equal(result["labels"], target["labels"])
         torch.testing.assert_close(result["scores"], target["scores"], atol=1e-5, rtol=0)
         assert (result["masks"] != target["masks"]).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("num, height, width", [(0, 7, 9), (1, 1, 1), (5, 37, 53)])
+def test_boxes_from_soft_masks_equal_boxes_of_the_thresholded_masks(num, height, width):
+    from solo_fast.postprocess import masks_to_boxes
+    from solo_fast.postprocess_fused import _boxes_of_thresholded
+
+    generator = torch.Generator().manual_seed(num)
+    soft = torch.rand((num, height, width), generator=generator) * 0.6
+    if num > 1:
+        soft[1] = 0.2  # an empty mask: box (0, 0, 0, 0)
+        soft[0, height // 2, 0] = 0.5  # equal to the threshold: not in the mask
+    expected = masks_to_boxes(soft > 0.5)
+    assert torch.equal(_boxes_of_thresholded(soft, 0.5), expected)
+    if num:
+        soft[-1, 0, 0] = float("nan")  # a NaN row maximum must not hide that row's pixels
+        assert torch.equal(_boxes_of_thresholded(soft, 0.5), masks_to_boxes(soft > 0.5))
