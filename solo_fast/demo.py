@@ -38,7 +38,8 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "mask_feat_channels": 64,
     "mask_out_channels": 64,
     # From scratch on a small set AdamW learns far faster than the presets' SGD: mask AP 0.19
-    # after 900 steps where SGD (lr 0.02) was at 0.001 after 600 (benchmarks/RESULTS.md, demo).
+    # after 900 steps where SGD (lr 0.02) was at 0.001 after 600 (benchmarks/RESULTS.md, "The CPU
+    # demo").
     "optimizer": "adamw",
     "lr": 1e-3,
     "weight_decay": 0.05,
