@@ -153,19 +153,32 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     Returns:
         (K, 4) float32 boxes in pixels of the masks; an empty mask gets (0, 0, 0, 0).
     """
-    num, height, width = masks.shape
+    num = masks.shape[0]
     if masks.numel() == 0:
         return torch.zeros(num, 4, dtype=torch.float32, device=masks.device)
-    rows, cols = masks.any(2), masks.any(1)  # (K, H), (K, W)
+    return boxes_from_hits(masks.any(2), masks.any(1))
 
-    def span(hit: Tensor, size: int) -> tuple[Tensor, Tensor]:
-        index = torch.arange(size, device=masks.device)
+
+def boxes_from_hits(rows: Tensor, cols: Tensor) -> Tensor:
+    """Tight xyxy boxes (x2 and y2 exclusive) from which rows and columns hold mask pixels.
+
+    Args:
+        rows: (K, H) bool, row y of mask k holds a pixel.
+        cols: (K, W) bool, column x of mask k holds a pixel.
+
+    Returns:
+        (K, 4) float32 boxes; a mask without pixels gets (0, 0, 0, 0).
+    """
+
+    def span(hit: Tensor) -> tuple[Tensor, Tensor]:
+        size = hit.shape[1]
+        index = torch.arange(size, device=hit.device)
         first = torch.where(hit, index, size).amin(1)
         last = torch.where(hit, index, -1).amax(1) + 1
         return first, last
 
-    x1, x2 = span(cols, width)
-    y1, y2 = span(rows, height)
+    x1, x2 = span(cols)
+    y1, y2 = span(rows)
     boxes = torch.stack([x1, y1, x2, y2], 1).float()  # (K, 4)
     return boxes * rows.any(1, keepdim=True)
 

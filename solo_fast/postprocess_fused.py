@@ -271,26 +271,14 @@ def _boxes_of_thresholded(soft: Tensor, threshold: float) -> Tensor:
     Returns:
         (K, 4) float32 boxes, as masks_to_boxes returns them.
     """
-    num, height, width = soft.shape
+    from solo_fast.postprocess import boxes_from_hits, masks_to_boxes
+
     if soft.numel() == 0:
-        return torch.zeros(num, 4, dtype=torch.float32, device=soft.device)
+        return torch.zeros(soft.shape[0], 4, dtype=torch.float32, device=soft.device)
     row_max = soft.amax(2)  # (K, H)
     if bool(row_max.isnan().any()):
-        from solo_fast.postprocess import masks_to_boxes
-
         return masks_to_boxes(soft > threshold)
-    rows = row_max > threshold  # (K, H)
-    cols = soft.amax(1) > threshold  # (K, W)
-
-    def span(hit: Tensor, size: int) -> tuple[Tensor, Tensor]:
-        index = torch.arange(size, device=soft.device)
-        return (torch.where(hit, index, size).amin(1),
-                torch.where(hit, index, -1).amax(1) + 1)
-
-    x1, x2 = span(cols, width)
-    y1, y2 = span(rows, height)
-    boxes = torch.stack([x1, y1, x2, y2], 1).float()  # (K, 4)
-    return boxes * rows.any(1, keepdim=True)
+    return boxes_from_hits(row_max > threshold, soft.amax(1) > threshold)
 
 
 # ------------------------------------------------------------------ the families' mask sources
