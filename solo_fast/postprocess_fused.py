@@ -244,16 +244,21 @@ def _final_chunks(processor: Any, source: MaskSource, index: Tensor, canvas: tup
              if mask_format == "bool" else None)
     encoded: list[dict[str, Any]] = []
     threshold = processor.test_cfg.mask_thr
-    for start in range(0, len(index), RESIZE_CHUNK):
-        soft = processor._final_soft(source.soft(index[start:start + RESIZE_CHUNK]), canvas,
-                                     image_size, original)  # (k, H0, W0)
-        chunk = soft > threshold  # (k, H0, W0) bool
-        boxes[start:start + len(chunk)] = _boxes_of_thresholded(soft, threshold)
-        del soft
-        if dense is None:
-            encoded += encode_rle(chunk)
-        else:
-            dense[start:start + len(chunk)] = chunk
+    for group in range(0, len(index), MASK_CHUNK):
+        # stride-4 soft masks a group at a time: SOLOv2's GEMM reads every mask feature once per
+        # call, so 13 calls of 8 kernels took 109 ms where one of 100 took 32 ms
+        small = source.soft(index[group:group + MASK_CHUNK])  # (g, H4, W4)
+        for offset in range(0, len(small), RESIZE_CHUNK):
+            start = group + offset
+            soft = processor._final_soft(small[offset:offset + RESIZE_CHUNK], canvas, image_size,
+                                         original)  # (k, H0, W0)
+            chunk = soft > threshold  # (k, H0, W0) bool
+            boxes[start:start + len(chunk)] = _boxes_of_thresholded(soft, threshold)
+            del soft
+            if dense is None:
+                encoded += encode_rle(chunk)
+            else:
+                dense[start:start + len(chunk)] = chunk
     return (encoded if dense is None else dense), boxes
 
 
