@@ -11,7 +11,9 @@ rounding; tests/test_losses.py asserts it).
   of sizes that reach every FPN level.
 * Prediction: forward and post-processing of one 800 x 1088 image (COCO's canonical padded size).
   The weights are random, so the head's class scores are pushed up (a bias on the class logits)
-  until about 1,000 candidates pass score_thr, as a trained model's do on a busy image.
+  until about 1,000 candidates pass score_thr, as a trained model's do on a busy image, and SOLO's
+  and Decoupled SOLO's mask biases are set so that a candidate's mask covers some 15-30 % of the
+  map (SOLOv2's dynamic masks already cover some of it).
 
 ``PYTHONPATH=. python benchmarks/bench_model.py`` instead alternates fused and reference training
 steps of SOLOv2 and Decoupled SOLO and prints the mean paired difference with its standard error:
@@ -116,9 +118,39 @@ def _predict_model(family: str, provider: str):
     use_path(model, provider)
     images = torch.randn(1, 3, 800, 1088)
     with torch.no_grad():
-        shift = _candidate_shift(model(images).cls_preds, wanted=1000)
+        outputs = model(images)
+        shift = _candidate_shift(outputs.cls_preds, wanted=1000)
         model.head.cls_pred.bias += shift
+        _give_masks(model.head, outputs)
     return model, images
+
+
+# The fraction of a mask map that a random-weight SOLO / Decoupled SOLO candidate covers after
+# _give_masks: near-constant logits would give every candidate an empty mask (Decoupled: a
+# product of two ~0.5 probabilities) or half the map, and the timed call would skip the NMS and
+# the final resize or overload them.
+MASK_FRACTION = 0.15
+
+
+def _give_masks(head, outputs) -> None:
+    """Shifts the biases of SOLO's and Decoupled SOLO's mask convolutions, channel by channel,
+    so that each candidate's mask covers about MASK_FRACTION of the map (SOLOv2's masks come from
+    dynamic kernels and are left as they are)."""
+    if hasattr(head, "mask_pred_x"):  # Decoupled: X and Y each above 0.75 on sqrt(fraction)
+        pairs = [(head.mask_pred_x, outputs.mask_preds_x), (head.mask_pred_y, outputs.mask_preds_y)]
+        quantile, target = 1 - MASK_FRACTION ** 0.5, 1.1  # sigmoid(1.1)^2 = 0.56 > mask_thr
+    elif hasattr(head, "mask_pred"):  # SOLO: one channel per cell, sigmoid > mask_thr
+        pairs, quantile, target = [(head.mask_pred, outputs.mask_preds)], 1 - MASK_FRACTION, 0.0
+    else:
+        return
+    for convs, levels in pairs:
+        for conv, logits in zip(convs, levels):
+            per_channel = logits.transpose(0, 1).flatten(1)  # (channels, N * h * w)
+            spread = per_channel.std(1).clamp_min(1e-6)
+            scale = 2.0 / spread  # logits of unit-ish spread: soft masks with soft edges
+            conv.weight *= scale[:, None, None, None]
+            conv.bias *= scale
+            conv.bias += target - torch.quantile(per_channel * scale[:, None], quantile, dim=1)
 
 
 def _candidate_shift(cls_preds, *, wanted: int) -> float:
