@@ -119,7 +119,8 @@ def _load_checkpoint(path: str, device: str | None):
     run_file = checkpoint_path.parent / "run.json"
     if "model" in checkpoint and run_file.is_file():  # written by the trainer
         run = json.loads(run_file.read_text())
-        state_dict = checkpoint["model"]
+        # a run with ema_decay is evaluated with its weight average, as training returns it
+        state_dict = checkpoint["ema"]["module"] if "ema" in checkpoint else checkpoint["model"]
     elif "state_dict" in checkpoint and "preset" in checkpoint:  # written by solo-fast convert
         run = {"preset": checkpoint["preset"], "overrides": checkpoint.get("overrides", {})}
         state_dict = checkpoint["state_dict"]

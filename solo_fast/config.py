@@ -171,6 +171,9 @@ class TrainConfig(_Checked):
     lr_steps: tuple[int, ...] = (8, 11)  # epochs after which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     grad_clip: float | None = None  # max L2 norm of all gradients; None = no clipping
+    # exponential moving average of the weights (what is evaluated and predicted with): the
+    # average keeps ema_decay of itself per step (less in the first steps); None = no average
+    ema_decay: float | None = None
     # keep-ratio resize targets (long edge, short edge); one is drawn per image
     # (RandomChoiceResize); a single entry is a fixed scale
     train_scales: tuple[tuple[int, int], ...] = ((1333, 800),)
@@ -182,6 +185,8 @@ class TrainConfig(_Checked):
             raise ValueError(f"train.lr_steps must be ascending, got {self.lr_steps}")
         if not self.train_scales:
             raise ValueError("train.train_scales needs at least one scale")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
 
 
 @dataclass(frozen=True, kw_only=True)

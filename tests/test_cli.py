@@ -54,3 +54,18 @@ def test_make_shapes_easy_writes_the_demo_set(tmp_path):
     manifest = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
     assert manifest["object_style"] == "flat" and manifest["class_colours"] is True
     assert manifest["max_objects"] == 4
+
+
+def test_a_checkpoint_with_a_weight_average_is_loaded_with_it(tmp_path):
+    from solo_fast.models import build_model
+
+    overrides = {"num_classes": 3}
+    raw = build_model("solov2-light_r18_fpn_ms-3x_coco", **overrides).state_dict()
+    averaged = {name: value + 1 if value.dtype.is_floating_point else value
+                for name, value in raw.items()}
+    torch.save({"model": raw, "ema": {"module": averaged, "updates": 7}}, tmp_path / "latest.pt")
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"preset": "solov2-light_r18_fpn_ms-3x_coco", "overrides": overrides}))
+    model, _, _ = cli._load_checkpoint(str(tmp_path / "latest.pt"), "cpu")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, averaged[name]), name

@@ -2,14 +2,16 @@
 
 One step reads top to bottom: batch to device, forward, the criterion's flat dict of losses, a
 check that each is finite, their sum backward (scaled under fp16), gradient clipping where the
-preset has it, the optimiser and schedule steps, a log record. Checkpoints hold the model, the
-optimiser, the scaler, the position (epoch, step within it, iteration) and every random state, and
-are written atomically, so a run killed at any moment resumes from its last checkpoint and goes on
-with the same losses as an uninterrupted run.
+preset has it, the optimiser and schedule steps, the weight average's update (``ema_decay``), a
+log record. Checkpoints hold the model, the optimiser, the scaler, the weight average, the
+position (epoch, step within it, iteration) and every random state, and are written atomically,
+so a run killed at any moment resumes from its last checkpoint and goes on with the same losses
+as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -114,6 +116,45 @@ class _SkipBatches(Sampler[list[int]]):
         return max(0, len(self.batch_sampler) - self.skip)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (``TrainConfig.ema_decay``).
+
+    After step t the average keeps ``min(decay, (1 + t) / (10 + t))`` of itself and takes the rest
+    from the model: the ramp keeps the random initialisation from dominating the first hundred
+    steps. Integer buffers (BatchNorm's step counts) are copied. The average is a separate module
+    in eval mode without gradients; it is what training returns and what evaluation loads.
+
+    Args:
+        model: The module being trained (not a DDP wrapper).
+        decay: The fraction of itself the average keeps per step, in (0, 1).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged, current = [], []
+        for mine, theirs in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if mine.dtype.is_floating_point:
+                averaged.append(mine)
+                current.append(theirs.detach())
+            else:
+                mine.copy_(theirs)
+        torch._foreach_lerp_(averaged, current, 1.0 - keep)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
 class Trainer:
     """Trains a :class:`~solo_fast.models.detector.SOLODetector` on a loader of ``Batch``.
 
@@ -141,6 +182,8 @@ class Trainer:
         else:
             self.network = self.model
         self.optimizer = build_optimizer(self.model, train_cfg)
+        self.average = (WeightAverage(self.model, train_cfg.ema_decay)
+                        if train_cfg.ema_decay is not None else None)
         self.epochs = settings.epochs if settings.epochs is not None else train_cfg.epochs
         self.iters_per_epoch = len(loader)
         if self.iters_per_epoch == 0:
@@ -165,7 +208,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "iteration": self.iteration, "rng": rng_state(),
-                "settings": asdict(self.settings)}
+                "settings": asdict(self.settings),
+                **({"ema": self.average.state_dict()} if self.average is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -174,6 +218,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.iteration = state["iteration"]
+        if self.average is not None:
+            if "ema" not in state:
+                raise ValueError("the checkpoint has no weight average (it was trained without "
+                                 "ema_decay); resume it without ema_decay or start a new run")
+            self.average.load_state_dict(state["ema"])
         restore_rng_state(state["rng"])
 
     def save_checkpoint(self, *, end_of_epoch: bool = False) -> None:
@@ -260,6 +309,8 @@ class Trainer:
                 self.train_cfg.grad_clip).item()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.model)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.iteration += 1
@@ -350,7 +401,8 @@ def train_on_coco(*, preset: str, overrides: dict[str, Any], annotation_file: st
         seed: Shuffling and augmentation seed.
 
     Returns:
-        The trained model and the log records of this call.
+        The trained model (its weight average when ``ema_decay`` is set) and the log
+        records of this call.
     """
     from solo_fast.config import apply_overrides, get_preset
     from solo_fast.data import CocoInstances, build_train_loader, build_train_transform
@@ -381,4 +433,5 @@ def train_on_coco(*, preset: str, overrides: dict[str, Any], annotation_file: st
                "label_to_category_id": list(dataset.label_to_category_id)}
         write_json_atomically(run, Path(settings.work_dir) / "run.json")
     trainer = Trainer(model=model, train_cfg=config.train, loader=loader, settings=settings)
-    return model, trainer.fit()
+    records = trainer.fit()
+    return (trainer.average.module if trainer.average is not None else model), records

@@ -1,5 +1,6 @@
 """The training loop: schedule, exact resume, atomic checkpoints, the non-finite guard, DDP."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,9 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import solo_fast
-from solo_fast.engine.train import NonFiniteLossError, RunSettings, Trainer, lr_factor
+from solo_fast.engine.train import (
+    NonFiniteLossError,
+    RunSettings,
+    Trainer,
+    WeightAverage,
+    lr_factor,
+)
 from tests.engine.toy import toy_loader, toy_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,3 +97,57 @@ def test_two_process_ddp_matches_one_process_with_the_whole_batch(tmp_path):
     for a, b in zip(expected, distributed):
         for name in ("loss_mask", "loss_cls"):
             assert a[name] == pytest.approx(b[name], rel=1e-4), (name, a, b)
+
+
+def _averaged_trainer(work_dir, **settings):
+    settings = RunSettings(work_dir=str(work_dir), progress=False, **settings)
+    train_cfg = dataclasses.replace(TRAIN_CFG, ema_decay=0.5)
+    return Trainer(model=toy_model(), train_cfg=train_cfg, loader=toy_loader(2),
+                   settings=settings)
+
+
+def test_weight_average_follows_its_formula():
+    model = torch.nn.BatchNorm1d(3)
+    average = WeightAverage(model, decay=0.9)
+    expected = {name: value.clone() for name, value in model.state_dict().items()}
+    for step in range(1, 4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.running_mean.add_(2.0)
+        model.num_batches_tracked += 1
+        keep = min(0.9, (1 + step) / (10 + step))  # 0.18, 0.27, 0.33: the early ramp
+        for name, value in model.state_dict().items():
+            expected[name] = (keep * expected[name] + (1 - keep) * value
+                              if value.dtype.is_floating_point else value.clone())
+        average.update(model)
+    for name, value in average.module.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-6)
+    assert average.module.num_batches_tracked.item() == 3
+    assert not average.module.training and not average.module.weight.requires_grad
+
+
+def test_resume_restores_the_weight_average(tmp_path):
+    uninterrupted = _averaged_trainer(tmp_path / "a", epochs=2)
+    uninterrupted.fit()
+    _averaged_trainer(tmp_path / "b", epochs=2, max_iters=3).fit()
+    resumed = _averaged_trainer(tmp_path / "b", epochs=2)
+    resumed.fit()
+    assert resumed.average.updates == uninterrupted.average.updates == 4
+    averaged = uninterrupted.average.module.state_dict()
+    for name, value in resumed.average.module.state_dict().items():
+        torch.testing.assert_close(value, averaged[name], rtol=1e-5, atol=1e-7)
+    # the average is not the model: the test would pass vacuously if the two were one
+    assert any(not torch.equal(value, averaged[name])
+               for name, value in uninterrupted.model.state_dict().items()
+               if value.dtype.is_floating_point)
+
+
+def test_resuming_without_an_average_in_the_checkpoint_says_so(tmp_path):
+    _trainer(tmp_path, epochs=1).fit()
+    with pytest.raises(ValueError, match="has no weight average .* without ema_decay"):
+        _averaged_trainer(tmp_path, epochs=2).fit()
+
+
+def test_ema_decay_must_lie_in_the_open_unit_interval():
+    with pytest.raises(ValueError, match=r"train.ema_decay must be in \(0, 1\) or None, got 1.0"):
+        solo_fast.get_preset("solov2-light_r18_fpn_ms-3x_coco", ema_decay=1.0)
