@@ -202,4 +202,37 @@ inline void check_decoupled_mask_scores_inputs(const at::Tensor& x_probs,
               ") must be on x_probs' device ", x_probs.device());
 }
 
+// solo_mask_scores: mask_preds (N, Q, h, w) floating; image, channel (K,) int64 on its device;
+// out_height, out_width >= 1; every size fits an int (the shared math indexes with int). Index
+// ranges are checked where the indices are read.
+inline void check_solo_mask_scores_inputs(const at::Tensor& mask_preds, const at::Tensor& image,
+                                          const at::Tensor& channel, int64_t out_height,
+                                          int64_t out_width, const char* op) {
+  TORCH_CHECK(mask_preds.dim() == 4, op, ": mask_preds must be 4-D (N, Q, h, w), got shape ",
+              mask_preds.sizes());
+  TORCH_CHECK(at::isFloatingType(mask_preds.scalar_type()), op,
+              ": mask_preds must be float16, bfloat16, float32 or float64, got ",
+              mask_preds.scalar_type());
+  const int64_t k = image.dim() == 1 ? image.size(0) : -1;
+  const std::pair<const char*, const at::Tensor*> indices[] = {{"image", &image},
+                                                               {"channel", &channel}};
+  for (const auto& [name, index] : indices) {
+    TORCH_CHECK(index->dim() == 1 && index->size(0) == k, op, ": ", name,
+                " must be 1-D with one entry per candidate (image has shape ", image.sizes(),
+                "), got shape ", index->sizes());
+    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                index->scalar_type());
+    TORCH_CHECK(index->device() == mask_preds.device(), op, ": ", name, " is on ",
+                index->device(), " but mask_preds is on ", mask_preds.device(),
+                "; move both to the same device");
+  }
+  constexpr int64_t kIntMax = 2147483647;
+  TORCH_CHECK(out_height >= 1 && out_width >= 1 && out_height <= kIntMax &&
+                  out_width <= kIntMax,
+              op, ": out_height and out_width must be positive (and below 2^31), got (",
+              out_height, ", ", out_width, ")");
+  TORCH_CHECK(mask_preds.size(2) <= kIntMax && mask_preds.size(3) <= kIntMax, op,
+              ": mask_preds' maps must be smaller than 2^31 a side, got ", mask_preds.sizes());
+}
+
 }  // namespace solo_fast
