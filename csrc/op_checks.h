@@ -203,7 +203,7 @@ inline void check_decoupled_mask_scores_inputs(const at::Tensor& x_probs,
 }
 
 // solo_mask_scores: mask_preds (N, Q, h, w) floating; image, channel (K,) int64 on its device;
-// out_height, out_width >= 1; every size fits an int (the shared math indexes with int). Index
+// h, w, out_height, out_width >= 1; every size fits an int (the shared math indexes with int). Index
 // ranges are checked where the indices are read.
 inline void check_solo_mask_scores_inputs(const at::Tensor& mask_preds, const at::Tensor& image,
                                           const at::Tensor& channel, int64_t out_height,
@@ -231,8 +231,10 @@ inline void check_solo_mask_scores_inputs(const at::Tensor& mask_preds, const at
                   out_width <= kIntMax,
               op, ": out_height and out_width must be positive (and below 2^31), got (",
               out_height, ", ", out_width, ")");
-  TORCH_CHECK(mask_preds.size(2) <= kIntMax && mask_preds.size(3) <= kIntMax, op,
-              ": mask_preds' maps must be smaller than 2^31 a side, got ", mask_preds.sizes());
+  TORCH_CHECK(mask_preds.size(2) >= 1 && mask_preds.size(3) >= 1 &&
+                  mask_preds.size(2) <= kIntMax && mask_preds.size(3) <= kIntMax,
+              op, ": mask_preds' maps must be at least 1 x 1 (and below 2^31 a side), got shape ",
+              mask_preds.sizes());
 }
 
 }  // namespace solo_fast
