@@ -92,21 +92,26 @@ struct Plan {
   const uint8_t* row_read;  // (h,) whether an output row reads source row i
 };
 
-// Count and float64 sum of the soft values s[0 .. count) above the threshold.
-template <typename acc_t>
-__attribute__((always_inline)) inline void score_values(const acc_t* __restrict s, int64_t count,
-                                                        acc_t threshold, int64_t& inside,
+// Adds the count and float64 sum of the soft values value(0 .. count - 1) above the threshold.
+template <typename acc_t, typename Value>
+__attribute__((always_inline)) inline void score_values(int64_t count, acc_t threshold,
+                                                        const Value& value, int64_t& inside,
                                                         double& total) {
+  // 32-bit lanes count as many pixels per instruction as the comparisons produce (a row has
+  // fewer than 2^31 pixels); 64-bit ones would need a widening per vector.
+  int32_t row_inside = 0;
   double sum = 0.0;
   for (int64_t x = 0; x < count; ++x) {
-    inside += ms::in_mask(s[x], threshold) ? 1 : 0;
-    sum += static_cast<double>(ms::masked_value(s[x], threshold));
+    const acc_t s = value(x);
+    row_inside += ms::in_mask(s, threshold) ? 1 : 0;
+    sum += static_cast<double>(ms::masked_value(s, threshold));
   }
+  inside += row_inside;
   total += sum;
 }
 
 // One candidate: source map (h * w) -> (area, soft_sum). probs (h * w) and rows (h * W) are the
-// thread's scratch buffers.
+// thread's scratch buffers (unused when the map keeps its size).
 template <typename prob_t, typename acc_t>
 __attribute__((always_inline)) inline void score_candidate(const Plan<acc_t>& plan,
                                                            const prob_t* __restrict source,
@@ -114,20 +119,30 @@ __attribute__((always_inline)) inline void score_candidate(const Plan<acc_t>& pl
                                                            acc_t* __restrict rows,
                                                            int64_t* area, double* soft_sum) {
   const int64_t h = plan.h, w = plan.w, W = plan.W;
+  int64_t inside = 0;
+  double total = 0.0;
+  if (plan.identity) {  // s = p: one pass over the source, in rows of w
+    for (int64_t y = 0; y < h; ++y) {
+      const prob_t* __restrict row = source + y * w;
+      if (plan.logits) {
+        score_values(w, plan.threshold, [&](int64_t x) {
+          return ms::source_prob<prob_t>(static_cast<acc_t>(row[x]), true);
+        }, inside, total);
+      } else {
+        score_values(w, plan.threshold, [&](int64_t x) { return static_cast<acc_t>(row[x]); },
+                     inside, total);
+      }
+    }
+    *area = inside;
+    *soft_sum = total;
+    return;
+  }
   if (plan.logits) {
     for (int64_t i = 0; i < h * w; ++i) {
       probs[i] = ms::source_prob<prob_t>(static_cast<acc_t>(source[i]), true);
     }
   } else {
     for (int64_t i = 0; i < h * w; ++i) probs[i] = static_cast<acc_t>(source[i]);
-  }
-  int64_t inside = 0;
-  double total = 0.0;
-  if (plan.identity) {
-    for (int64_t y = 0; y < h; ++y) score_values(probs + y * w, w, plan.threshold, inside, total);
-    *area = inside;
-    *soft_sum = total;
-    return;
   }
   for (int64_t i = 0; i < h; ++i) {
     if (!plan.row_read[i]) continue;
@@ -137,21 +152,13 @@ __attribute__((always_inline)) inline void score_candidate(const Plan<acc_t>& pl
       r[x] = ms::lerp(p[plan.x0[x]], plan.lx0[x], p[plan.x1[x]], plan.lx1[x]);
     }
   }
-  // One output row at a time in a small buffer: the loop that forms s stays free of the
-  // comparisons and the float64 sum, and both loops vectorise.
-  constexpr int64_t kRowChunk = 512;
-  alignas(64) acc_t soft[kRowChunk];
   for (int64_t y = 0; y < plan.H; ++y) {
     const acc_t* __restrict r0 = rows + static_cast<int64_t>(plan.y0[y]) * W;
     const acc_t* __restrict r1 = rows + static_cast<int64_t>(plan.y1[y]) * W;
     const acc_t l0 = plan.ly0[y], l1 = plan.ly1[y];
-    for (int64_t begin = 0; begin < W; begin += kRowChunk) {
-      const int64_t count = std::min(kRowChunk, W - begin);
-      for (int64_t x = 0; x < count; ++x) {
-        soft[x] = ms::round_to<prob_t>(ms::lerp(r0[begin + x], l0, r1[begin + x], l1));
-      }
-      score_values(soft, count, plan.threshold, inside, total);
-    }
+    score_values(W, plan.threshold, [&](int64_t x) {
+      return ms::round_to<prob_t>(ms::lerp(r0[x], l0, r1[x], l1));
+    }, inside, total);
   }
   *area = inside;
   *soft_sum = total;
@@ -239,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> solo_mask_scores_cpu(const at::Tensor& mask_p
     const prob_t* preds_data = ptr<const prob_t>(preds);
     const int64_t map_size = static_cast<int64_t>(h) * w;
     at::parallel_for(0, num, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> probs(map_size);
+      std::vector<acc_t> probs(plan.identity ? 0 : map_size);
       std::vector<acc_t> rows(plan.identity ? 0 : static_cast<int64_t>(h) * W);
       for (int64_t v = begin; v < end; ++v) {
         const int64_t k = visit[v];
