@@ -46,6 +46,10 @@
 #define SOLO_FAST_CPU_CLONES
 #endif
 
+// The per-pixel lambdas below must be inlined into the SIMD clones: GCC once left one out of line
+// in the float16 clone, a call per pixel (3.5 ms against 0.07 ms for a 200 x 272 map).
+#define SOLO_FAST_INLINE __attribute__((always_inline))
+
 namespace solo_fast {
 namespace {
 
@@ -125,11 +129,11 @@ __attribute__((always_inline)) inline void score_candidate(const Plan<acc_t>& pl
     for (int64_t y = 0; y < h; ++y) {
       const prob_t* __restrict row = source + y * w;
       if (plan.logits) {
-        score_values(w, plan.threshold, [&](int64_t x) {
+        score_values(w, plan.threshold, [&](int64_t x) SOLO_FAST_INLINE {
           return ms::source_prob<prob_t>(static_cast<acc_t>(row[x]), true);
         }, inside, total);
       } else {
-        score_values(w, plan.threshold, [&](int64_t x) { return static_cast<acc_t>(row[x]); },
+        score_values(w, plan.threshold, [&](int64_t x) SOLO_FAST_INLINE { return static_cast<acc_t>(row[x]); },
                      inside, total);
       }
     }
@@ -156,7 +160,7 @@ __attribute__((always_inline)) inline void score_candidate(const Plan<acc_t>& pl
     const acc_t* __restrict r0 = rows + static_cast<int64_t>(plan.y0[y]) * W;
     const acc_t* __restrict r1 = rows + static_cast<int64_t>(plan.y1[y]) * W;
     const acc_t l0 = plan.ly0[y], l1 = plan.ly1[y];
-    score_values(W, plan.threshold, [&](int64_t x) {
+    score_values(W, plan.threshold, [&](int64_t x) SOLO_FAST_INLINE {
       return ms::round_to<prob_t>(ms::lerp(r0[x], l0, r1[x], l1));
     }, inside, total);
   }

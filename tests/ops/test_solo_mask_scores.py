@@ -174,6 +174,28 @@ def test_values_at_the_threshold(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("resize", [RESIZES[0], RESIZES[3]], ids=["upscale", "identity"])
+def test_nan_pixels_lie_outside_the_masks(backend, dtype, resize):
+    """A NaN logit makes its soft values NaN (and those it is interpolated into), which no
+    threshold passes: area does not count them, as in the reference, and soft_sum leaves them out
+    (the reference's sum of soft * mask is NaN: NaN * 0)."""
+    _require(backend)
+    _skip_bfloat16_triton(backend, dtype)
+    source, size = resize
+    preds, image, channel = make_solo_score_inputs(1, 3, source, 5, dtype=dtype, seed=2)
+    preds[0, :, 1:3, 2:5] = float("nan")
+    area, soft_sum = solo_mask_scores(preds, image, channel, size=size, threshold=0.5,
+                                      backend=backend)
+    soft = _reference_soft(preds, image, channel, size, True)  # (K, H, W)
+    masks = soft > 0.5
+    near = ((soft - 0.5).abs() <= 4 * torch.finfo(dtype).eps).sum((1, 2))
+    assert soft.isnan().any() and ((area - masks.sum((1, 2))).abs() <= near).all()
+    expected = torch.where(masks, soft, 0.0).sum((1, 2))
+    assert ((soft_sum - expected).abs() <= 4 * torch.finfo(dtype).eps * expected + near).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("size", [(1, 1), (1, 6), (7, 1)])
 def test_degenerate_sizes(backend, size):
     """One-pixel-wide maps and outputs (an axis of size 1 on either side)."""
