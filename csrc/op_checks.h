@@ -203,8 +203,8 @@ inline void check_decoupled_mask_scores_inputs(const at::Tensor& x_probs,
 }
 
 // solo_mask_scores: mask_preds (N, Q, h, w) floating; image, channel (K,) int64 on its device;
-// h, w, out_height, out_width >= 1; every size fits an int (the shared math indexes with int). Index
-// ranges are checked where the indices are read.
+// h, w, out_height, out_width >= 1; every size fits an int (the shared math indexes with int).
+// Index ranges are checked where the indices are read.
 inline void check_solo_mask_scores_inputs(const at::Tensor& mask_preds, const at::Tensor& image,
                                           const at::Tensor& channel, int64_t out_height,
                                           int64_t out_width, const char* op) {
@@ -214,8 +214,8 @@ inline void check_solo_mask_scores_inputs(const at::Tensor& mask_preds, const at
               ": mask_preds must be float16, bfloat16, float32 or float64, got ",
               mask_preds.scalar_type());
   const int64_t k = image.dim() == 1 ? image.size(0) : -1;
-  const std::pair<const char*, const at::Tensor*> indices[] = {{"image", &image},
-                                                               {"channel", &channel}};
+  const std::pair<const char*, const at::Tensor*> indices[] = {
+      {"image", &image}, {"channel", &channel}};
   for (const auto& [name, index] : indices) {
     TORCH_CHECK(index->dim() == 1 && index->size(0) == k, op, ": ", name,
                 " must be 1-D with one entry per candidate (image has shape ", image.sizes(),

@@ -133,8 +133,9 @@ __attribute__((always_inline)) inline void score_candidate(const Plan<acc_t>& pl
           return ms::source_prob<prob_t>(static_cast<acc_t>(row[x]), true);
         }, inside, total);
       } else {
-        score_values(w, plan.threshold, [&](int64_t x) SOLO_FAST_INLINE { return static_cast<acc_t>(row[x]); },
-                     inside, total);
+        score_values(w, plan.threshold, [&](int64_t x) SOLO_FAST_INLINE {
+          return static_cast<acc_t>(row[x]);
+        }, inside, total);
       }
     }
     *area = inside;
