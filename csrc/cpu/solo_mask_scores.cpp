@@ -31,20 +31,11 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/cpu_kernel.h"
 #include "op_checks.h"
 #include "solo_mask_scores.h"
 
 // N=images, Q=channels of the level, K=candidates, h, w=source map, H, W=output map
-
-// One binary for every x86-64 machine: the per-candidate work is compiled for AVX-512, AVX2 and
-// the baseline, and the loader picks the best (GNU ifunc). The first two have FMA instructions;
-// the baseline calls libm's fma, which is exact but slow.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SOLO_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLO_FAST_CPU_CLONES
-#endif
 
 // The per-pixel lambdas below must be inlined into the SIMD clones: GCC once left one out of line
 // in the float16 clone, a call per pixel (3.5 ms against 0.07 ms for a 200 x 272 map).
@@ -54,11 +45,6 @@ namespace solo_fast {
 namespace {
 
 namespace ms = mask_scores;
-
-template <typename T>
-inline T* ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
 
 // One axis' taps, structure of arrays so that the loops over x load them as vectors.
 template <typename acc_t>
@@ -169,7 +155,8 @@ __attribute__((always_inline)) inline void score_candidate(const Plan<acc_t>& pl
   *soft_sum = total;
 }
 
-// The SIMD clones, one per dtype (target_clones takes no templates).
+// The SIMD clones, one per dtype (target_clones takes no templates). The AVX-512 and AVX2 clones
+// have FMA instructions; the baseline calls libm's fma, exact but slow.
 #define SOLO_FAST_SCORE_CANDIDATE(name, prob_t, acc_t)                                         \
   SOLO_FAST_CPU_CLONES void name(const Plan<acc_t>& plan, const prob_t* source, acc_t* probs, \
                                  acc_t* rows, int64_t* area, double* soft_sum) {              \
