@@ -27,6 +27,10 @@ keeps 100.
 - Decoupled SOLO: X and Y logits per level at strides 4, 4, 8, 16, 16 are smooth random fields
   + 0.5 (product > 0.5 on ~17 % of the map); every odd grid row's Y map is -10 everywhere (product
   ~0), so the candidates in those rows (~half) are filtered.
+- SOLO: mask logits per level (1, S^2, h, w) at strides 4, 4, 8, 16, 16 (667 MB in all), -10
+  everywhere (empty masks) except a kept candidate cell's channel: a smooth random field minus
+  its std (~15 % of pixels above 0). The fused path resizes only the candidates' channels, in the
+  scoring op; the reference path gathers and resizes them (K x H4 x W4 floats).
 """
 
 # N=images, L=levels, S=grid side, C=classes, E=mask-feature channels, K=candidates,
@@ -42,8 +46,13 @@ import solo_fast.postprocess as postprocess
 import solo_fast.postprocess_fused as postprocess_fused
 from solo_fast.config import TestConfig
 from solo_fast.models.decoupled_solo import DecoupledSOLOOutput
+from solo_fast.models.solo import SOLOOutput
 from solo_fast.models.solov2 import SOLOv2Output
-from solo_fast.postprocess import DecoupledSOLOPostProcessor, SOLOv2PostProcessor
+from solo_fast.postprocess import (
+    DecoupledSOLOPostProcessor,
+    SOLOPostProcessor,
+    SOLOv2PostProcessor,
+)
 from solo_fast.postprocess_fused import batched_matrix_nms
 from tests.ops.helpers import benchmark_cases, benchmark_op
 
@@ -52,6 +61,9 @@ STRIDES = (8, 8, 16, 32, 32)
 CLASSES = 80
 CANDIDATES = 1000
 MAP = (200, 272)  # 800 x 1088 / 4
+# the mask maps of the levels (strides 4, 4, 8, 16, 16)
+LEVEL_SIZES = (MAP, MAP, (MAP[0] // 2, MAP[1] // 2), (MAP[0] // 4, MAP[1] // 4),
+               (MAP[0] // 4, MAP[1] // 4))
 IMAGE_SIZES = [(800, 1066)]
 ORIGINAL_SIZES = [(480, 640)]
 # the fused path with every compiled op backend (its ops' PyTorch references only materialise)
@@ -59,7 +71,7 @@ FUSED = [f"fused-{backend}" for device, backend in benchmark_cases()
          if device == "cpu" and backend != "reference"]
 PROVIDERS = ["reference", *FUSED, "matrix_nms", "reference-no-nms",
              *(f"{name}-no-nms" for name in FUSED)]
-FAMILIES = ("solov2", "decoupled_solo")
+FAMILIES = ("solov2", "decoupled_solo", "solo")
 
 
 def _smooth(generator: torch.Generator, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -108,23 +120,43 @@ def make_solov2_outputs(seed: int = 0, channels: int = 256) -> SOLOv2Output:
 
 def make_decoupled_outputs(seed: int = 0) -> DecoupledSOLOOutput:
     generator = torch.Generator().manual_seed(seed)
-    sizes = [MAP, MAP, (MAP[0] // 2, MAP[1] // 2), (MAP[0] // 4, MAP[1] // 4),
-             (MAP[0] // 4, MAP[1] // 4)]
-    xs = [_smooth(generator, grid, size) + 0.5 for grid, size in zip(GRIDS, sizes)]
-    ys = [_smooth(generator, grid, size) + 0.5 for grid, size in zip(GRIDS, sizes)]
+    xs = [_smooth(generator, grid, size) + 0.5 for grid, size in zip(GRIDS, LEVEL_SIZES)]
+    ys = [_smooth(generator, grid, size) + 0.5 for grid, size in zip(GRIDS, LEVEL_SIZES)]
     for y in ys:  # odd grid rows are dead (Y = -10: empty product masks)
         y[:, 1::2] = -10.0
     cells, classes, logits = _candidate_cells(generator)
     return DecoupledSOLOOutput(xs, ys, _class_logits(cells, classes, logits))
 
 
+def make_solo_outputs(seed: int = 0) -> SOLOOutput:
+    generator = torch.Generator().manual_seed(seed)
+    cells, classes, logits = _candidate_cells(generator)
+    blobs = cells[torch.rand(CANDIDATES, generator=generator) < 0.5]  # the others stay empty
+    levels, start = [], 0
+    for grid, size in zip(GRIDS, LEVEL_SIZES):
+        maps = torch.full((1, grid * grid, *size), -10.0)  # (1, S*S, h, w)
+        local = blobs[(blobs >= start) & (blobs < start + grid * grid)] - start
+        if len(local):
+            field = _smooth(generator, len(local), size)[0]  # (k, h, w)
+            maps[0, local] = field - field.std()
+        levels.append(maps)
+        start += grid * grid
+    return SOLOOutput(levels, _class_logits(cells, classes, logits))
+
+
+_KINDS = {"solo": SOLOPostProcessor, "decoupled_solo": DecoupledSOLOPostProcessor,
+          "solov2": SOLOv2PostProcessor}
+_MAKERS = {"solo": make_solo_outputs, "decoupled_solo": make_decoupled_outputs,
+           "solov2": make_solov2_outputs}
+
+
 def _processor(family: str, backend: str | None):
-    kind = SOLOv2PostProcessor if family == "solov2" else DecoupledSOLOPostProcessor
-    return kind(test_cfg=TestConfig(), num_grids=GRIDS, strides=STRIDES, backend=backend)
+    return _KINDS[family](test_cfg=TestConfig(), num_grids=GRIDS, strides=STRIDES,
+                          backend=backend)
 
 
 def _outputs(family: str):
-    return make_solov2_outputs() if family == "solov2" else make_decoupled_outputs()
+    return _MAKERS[family]()
 
 
 def _replay_nms(monkeypatch, name: str, module) -> None:

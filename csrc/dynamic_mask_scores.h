@@ -18,6 +18,11 @@
 // few ulp of the threshold, the same margin the GEMM's summation order already leaves.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <type_traits>
+
 #include "dice_loss.h"
 
 namespace solo_fast {
@@ -34,12 +39,36 @@ SOLO_FAST_HOST_DEVICE acc_t sigmoid(acc_t z) {
   return z < acc_t(kFloatSigmoidZeroBelow) && sizeof(acc_t) == 4 ? acc_t(0) : s;
 }
 
+// float -> bfloat16 -> float with c10::BFloat16's rounding (nearest even), without a branch: c10's
+// conversion branches on NaN, which kept the CPU loops that round every pixel scalar (~20x slower
+// than float32), and so did a select of c10's constant NaN (GCC threads it through the threshold
+// tests). A NaN keeps its sign and payload's top bits, quietened: still a NaN, as in c10.
+SOLO_FAST_HOST_DEVICE float round_to_bfloat16(float value) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(value);
+#else
+  const uint32_t bits = __builtin_bit_cast(uint32_t, value);
+#endif
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t quiet_nan = (bits | 0x00400000u) & 0xFFFF0000u;
+  const uint32_t out = (bits & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(out);
+#else
+  return __builtin_bit_cast(float, out);
+#endif
+}
+
 // torch stores every intermediate (the logit, the sigmoid, the product) in the inputs' dtype and
 // compares in it: kernels that compute in acc_t (float32 for float16 / bfloat16 inputs) round
 // each of those values to prob_t and back. The identity for float32 and float64 inputs.
 template <typename prob_t, typename acc_t>
 SOLO_FAST_HOST_DEVICE acc_t round_to(acc_t value) {
-  return static_cast<acc_t>(static_cast<prob_t>(value));
+  if constexpr (std::is_same_v<prob_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    return round_to_bfloat16(value);
+  } else {
+    return static_cast<acc_t>(static_cast<prob_t>(value));
+  }
 }
 
 // The threshold in the comparison's precision (see above).

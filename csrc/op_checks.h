@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <utility>
 
 namespace solo_fast {
@@ -169,6 +170,24 @@ inline void check_dynamic_mask_scores_inputs(const at::Tensor& kernels,
               ") must be on mask_feats' device ", mask_feats.device());
 }
 
+// The candidates' index tensors of a scoring op, (K,) int64 each on the device of `data` (the
+// argument named data_name), K taken from the first (the image index).
+inline void check_candidate_indices(
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> indices,
+    const at::Tensor& data, const char* data_name, const char* op) {
+  const at::Tensor& image = *indices.begin()->second;
+  const int64_t k = image.dim() == 1 ? image.size(0) : -1;
+  for (const auto& [name, index] : indices) {
+    TORCH_CHECK(index->dim() == 1 && index->size(0) == k, op, ": ", name,
+                " must be 1-D with one entry per candidate (image has shape ", image.sizes(),
+                "), got shape ", index->sizes());
+    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                index->scalar_type());
+    TORCH_CHECK(index->device() == data.device(), op, ": ", name, " is on ", index->device(),
+                " but ", data_name, " is on ", data.device(), "; move both to the same device");
+  }
+}
+
 // decoupled_mask_scores: x_probs, y_probs (N, C, P) of one floating dtype; image, row, col (K,)
 // int64; all on x_probs' device. Index ranges are checked where the indices are read.
 inline void check_decoupled_mask_scores_inputs(const at::Tensor& x_probs,
@@ -185,21 +204,34 @@ inline void check_decoupled_mask_scores_inputs(const at::Tensor& x_probs,
   TORCH_CHECK(y_probs.scalar_type() == x_probs.scalar_type(), op,
               ": y_probs must have x_probs' dtype ", x_probs.scalar_type(), ", got ",
               y_probs.scalar_type());
-  const int64_t k = image.dim() == 1 ? image.size(0) : -1;
-  const std::pair<const char*, const at::Tensor*> indices[] = {
-      {"image", &image}, {"row", &row}, {"col", &col}};
-  for (const auto& [name, index] : indices) {
-    TORCH_CHECK(index->dim() == 1 && index->size(0) == k, op, ": ", name,
-                " must be 1-D with one entry per candidate (image has shape ", image.sizes(),
-                "), got shape ", index->sizes());
-    TORCH_CHECK(index->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
-                index->scalar_type());
-    TORCH_CHECK(index->device() == x_probs.device(), op, ": ", name, " is on ",
-                index->device(), " but x_probs is on ", x_probs.device(),
-                "; move both to the same device");
-  }
+  check_candidate_indices({{"image", &image}, {"row", &row}, {"col", &col}}, x_probs,
+                          "x_probs", op);
   TORCH_CHECK(y_probs.device() == x_probs.device(), op, ": y_probs (", y_probs.device(),
               ") must be on x_probs' device ", x_probs.device());
+}
+
+// solo_mask_scores: mask_preds (N, Q, h, w) floating; image, channel (K,) int64 on its device;
+// h, w, out_height, out_width >= 1; every size fits an int (the shared math indexes with int).
+// Index ranges are checked where the indices are read.
+inline void check_solo_mask_scores_inputs(const at::Tensor& mask_preds, const at::Tensor& image,
+                                          const at::Tensor& channel, int64_t out_height,
+                                          int64_t out_width, const char* op) {
+  TORCH_CHECK(mask_preds.dim() == 4, op, ": mask_preds must be 4-D (N, Q, h, w), got shape ",
+              mask_preds.sizes());
+  TORCH_CHECK(at::isFloatingType(mask_preds.scalar_type()), op,
+              ": mask_preds must be float16, bfloat16, float32 or float64, got ",
+              mask_preds.scalar_type());
+  check_candidate_indices({{"image", &image}, {"channel", &channel}}, mask_preds, "mask_preds",
+                          op);
+  constexpr int64_t kIntMax = 2147483647;
+  TORCH_CHECK(out_height >= 1 && out_width >= 1 && out_height <= kIntMax &&
+                  out_width <= kIntMax,
+              op, ": out_height and out_width must be positive (and below 2^31), got (",
+              out_height, ", ", out_width, ")");
+  TORCH_CHECK(mask_preds.size(2) >= 1 && mask_preds.size(3) >= 1 &&
+                  mask_preds.size(2) <= kIntMax && mask_preds.size(3) <= kIntMax,
+              op, ": mask_preds' maps must be at least 1 x 1 (and below 2^31 a side), got shape ",
+              mask_preds.sizes());
 }
 
 }  // namespace solo_fast

@@ -78,6 +78,14 @@ TORCH_LIBRARY(solo_fast, m) {
   m.def(
       "decoupled_mask_scores(Tensor x_probs, Tensor y_probs, Tensor image, Tensor row, "
       "Tensor col, float threshold) -> (Tensor, Tensor)");
+  // solo_mask_scores (vanilla SOLO): mask_preds (N, Q, h, w) contiguous, one level's channels,
+  // logits (logits true) or probabilities; image (K,) int64 in [0, N), channel (K,) int64 in
+  // [0, Q), any order, may repeat; out_height, out_width >= 1. s = bilinear resize
+  // (align_corners=False, torch's CPU arithmetic: solo_mask_scores.h) of sigmoid(mask_preds[n, q])
+  // (or of the probabilities) to (out_height, out_width).
+  m.def(
+      "solo_mask_scores(Tensor mask_preds, Tensor image, Tensor channel, int out_height, "
+      "int out_width, float threshold, bool logits) -> (Tensor, Tensor)");
 }
 
 namespace {

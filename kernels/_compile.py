@@ -291,6 +291,35 @@ def _decoupled_mask_scores_entries(module: ModuleType) -> list[CompileEntry]:
     return entries
 
 
+def _solo_mask_scores_entries(module: ModuleType) -> list[CompileEntry]:
+    import torch
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+              "fp64": torch.float64}
+    # SOLO's levels at an 800 x 1088 input, all resized to the 200 x 272 level-0 map: levels 0-1
+    # (identity), 2 (x2) and 3-4 (x4); the tile and band sizes are the launcher's for each.
+    levels = {"x1": (200, 272), "x2": (100, 136), "x4": (50, 68)}
+    variants = (("fp32", "x1", True), ("fp32", "x2", True), ("fp32", "x4", True),
+                ("fp32", "x4", False), ("fp64", "x1", True), ("fp64", "x4", True),
+                ("fp16", "x4", True), ("bf16", "x4", True))
+    entries = []
+    for preds, level, logits in variants:
+        config = module.launch_config(dtypes[preds], levels[level], (200, 272))
+        num_warps = config.pop("num_warps")
+        entries.append(CompileEntry(
+            kernel="_solo_mask_scores_kernel",
+            variant=f"{preds} {level}" + (" logits" if logits else " probabilities"),
+            signature={"preds_ptr": f"*{preds}", "image_ptr": "*i64", "channel_ptr": "*i64",
+                       "threshold_ptr": f"*{preds}", "area_ptr": "*i32", "soft_ptr": "*fp64",
+                       "num_channels": "i32", "in_h": "i32", "in_w": "i32", "out_h": "i32",
+                       "out_w": "i32", "tiles_x": "i32", "num_tiles": "i32"},
+            constexprs={"LOGITS": logits, **config, "EMULATE_FMA": False},
+            aligned=("preds_ptr", "image_ptr", "channel_ptr", "threshold_ptr", "area_ptr",
+                     "soft_ptr"),
+            num_warps=num_warps))
+    return entries
+
+
 # Op module name -> a function of the imported module that lists its compile entries (reading the
 # launcher's own tile sizes, so that the report compiles what runs).
 COMPILE_TABLE = {
@@ -300,6 +329,7 @@ COMPILE_TABLE = {
     "dynamic_mask_dice_loss": _dynamic_mask_dice_loss_entries,
     "dynamic_mask_scores": _dynamic_mask_scores_entries,
     "decoupled_mask_scores": _decoupled_mask_scores_entries,
+    "solo_mask_scores": _solo_mask_scores_entries,
 }
 
 

@@ -59,13 +59,13 @@ _WORD_BITS = 64
 
 
 @triton.jit
-def _soft_above(z, threshold):
-    """(s, s > threshold): csrc/dynamic_mask_scores.h's soft_from_logit and in_mask.
+def _soft_from_logit(z):
+    """csrc/dynamic_mask_scores.h's soft_from_logit: sigmoid(z) as torch stores it.
 
-    z is in the input dtype, threshold in the compute dtype (float32 for float16/bfloat16, which
-    round s back to their dtype as torch stores it). For z >= 0, s = 1 / (1 + e) with
+    z is in the input dtype; s comes back in the compute dtype (float32 for float16/bfloat16,
+    rounded to their dtype as torch stores it). For z >= 0, s = 1 / (1 + e) with
     e = exp(-z) from the C++ kernels' exp polynomial; for z < 0 the equal e / (1 + e) with
-    e = exp(z); 0 where torch's float exp(-z) overflows.
+    e = exp(z); 0 where torch's float exp(-z) overflows. Shared with kernels/solo_mask_scores.py.
     """
     if z.dtype == tl.float64:
         zc = z
@@ -80,7 +80,16 @@ def _soft_above(z, threshold):
         # The IEEE division, as C++ and CUDA divide: Triton's `/` on float32 is a 2-ulp one.
         s = tl.math.div_rn(numerator, 1.0 + e)
         s = tl.where(zc < -88.7228394, 0.0, s)
-    s = s.to(z.dtype).to(zc.dtype)
+    return s.to(z.dtype).to(zc.dtype)
+
+
+@triton.jit
+def _soft_above(z, threshold):
+    """(s, s > threshold): csrc/dynamic_mask_scores.h's soft_from_logit and in_mask.
+
+    threshold is in the compute dtype (as _soft_from_logit's s).
+    """
+    s = _soft_from_logit(z)
     return s, s > threshold
 
 

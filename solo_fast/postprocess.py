@@ -51,11 +51,11 @@ from solo_fast.ops.reference import matrix_nms_reference
 from solo_fast.postprocess_fused import (
     MASK_FORMATS,
     MaskSource,
-    chunked_source,
     decoupled_source,
     dynamic_source,
     encode_rle,
     predict_fused,
+    solo_source,
 )
 
 __all__ = [
@@ -424,9 +424,10 @@ class SOLOPostProcessor(_PostProcessor):
 
     def _source(self, levels: Sequence[Tensor], candidates: Candidates, *,
                 activate: bool) -> MaskSource:
-        return chunked_source(
-            lambda index: self._gather(levels, candidates, activate=activate, subset=index),
-            len(candidates.cell), tuple(levels[0].shape[-2:]), candidates.cell.device)
+        return solo_source(
+            levels, candidates.image, candidates.level, self._local_cells(candidates),
+            activate=activate,
+            soft=lambda index: self._gather(levels, candidates, activate=activate, subset=index))
 
 
 class DecoupledSOLOPostProcessor(_PostProcessor):

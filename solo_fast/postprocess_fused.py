@@ -6,8 +6,9 @@ no step holds a soft mask per candidate:
 1. candidates of the whole batch, as the reference selects them;
 2. area and maskness sum of EVERY candidate of the batch in one op call
    (:func:`~solo_fast.ops.dynamic_mask_scores`, :func:`~solo_fast.ops.decoupled_mask_scores`;
-   SOLO: chunks of candidates in PyTorch), without storing their soft masks; SOLOv2's op also
-   writes every candidate's binary mask bit-packed (P / 8 bytes a candidate);
+   SOLO: :func:`~solo_fast.ops.solo_mask_scores`, one call per level), without storing their
+   soft masks; SOLOv2's op also writes every candidate's binary mask bit-packed (P / 8 bytes a
+   candidate);
 3. small-mask filter, maskness rescoring and the per-image ``nms_pre`` cut, vectorised over the
    batch: the cut picks exactly the candidates the reference's matrix NMS keeps after its own
    (stable) sort, ties by candidate order;
@@ -344,27 +345,33 @@ def decoupled_source(probs: Tensor, row: Tensor, col: Tensor) -> MaskSource:
     return MaskSource(scores=scores, soft=soft, size=tuple(probs.shape[-2:]))
 
 
-def chunked_source(soft: Callable[[Tensor], Tensor], count: int, size: tuple[int, int],
-                   device: torch.device) -> MaskSource:
-    """SOLO: scores computed in PyTorch from ``soft`` over chunks of candidates.
+def solo_source(levels: Sequence[Tensor], image: Tensor, level: Tensor, channel: Tensor, *,
+                activate: bool, soft: Callable[[Tensor], Tensor]) -> MaskSource:
+    """SOLO: soft mask k = sigmoid(levels[level[k]][image[k], channel[k]]) resized bilinearly to
+    level 0's size (or that map as given, ``activate=False``).
 
     Args:
-        soft: (index (k,)) -> (k, H4, W4) soft masks.
-        count: K, the number of candidates.
-        size: (H4, W4).
-        device: The candidates' device.
+        levels: L tensors (N, Q_l, h_l, w_l) of mask logits (``activate``) or probabilities.
+        image: (K,) int64 image of each candidate.
+        level: (K,) int64 level of each candidate.
+        channel: (K,) int64 channel (local cell) of each candidate in its level.
+        activate: The maps are logits: sigmoid first.
+        soft: (index (k,)) -> (k, H4, W4) soft masks of those candidates.
     """
+    from solo_fast import ops
+
+    size = tuple(int(v) for v in levels[0].shape[-2:])
 
     def scores(threshold: float, backend: str | None) -> MaskScores:
-        del backend  # no op: PyTorch in chunks of bounded size
-        area = torch.zeros(count, dtype=torch.int64, device=device)
-        soft_sum = torch.zeros(count, dtype=torch.float64, device=device)
-        for start in range(0, count, MASK_CHUNK):
-            index = torch.arange(start, min(start + MASK_CHUNK, count), device=device)
-            chunk = soft(index)  # (k, H4, W4)
-            masks = chunk > threshold
-            area[index] = masks.sum((1, 2))
-            soft_sum[index] = (chunk * masks).sum((1, 2), dtype=torch.float64)
+        area = torch.zeros(len(image), dtype=torch.int64, device=image.device)
+        soft_sum = torch.zeros(len(image), dtype=torch.float64, device=image.device)
+        for index_level, maps in enumerate(levels):  # one op call per level with candidates
+            index = (level == index_level).nonzero().squeeze(1)  # (K_l,)
+            if index.numel() == 0:
+                continue
+            area[index], soft_sum[index] = ops.solo_mask_scores(
+                maps, image[index], channel[index], size=size, threshold=threshold,
+                logits=activate, backend=backend)
         return MaskScores(area, soft_sum)
 
     return MaskSource(scores=scores, soft=soft, size=size)

@@ -85,12 +85,8 @@ def _decode(encoded: list[dict], size: tuple[int, int]) -> Tensor:
 # --------------------------------------------------------------------- golden head fixtures
 
 
-# SOLO's fused path calls no op, so one backend covers it; every other variant runs on each.
-FIXTURE_CASES = [(variant, backend) for variant in VARIANTS for backend in OP_BACKENDS
-                 if variant != "solo" or backend == OP_BACKENDS[0]]
-
-
-@pytest.mark.parametrize("variant, op_backend", FIXTURE_CASES)
+@pytest.mark.parametrize("variant, op_backend",
+                         [(variant, backend) for variant in VARIANTS for backend in OP_BACKENDS])
 def test_fused_matches_reference_path_on_fixtures(variant, op_backend, monkeypatch):
     fixture = _load(variant)
     processor = _fused_processor(lambda b: _processor(fixture, backend=b), op_backend, monkeypatch)
@@ -225,7 +221,7 @@ def test_fused_path_keeps_the_dtype_and_device_of_its_inputs():
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])
-@pytest.mark.parametrize("family", ["decoupled_solo", "solov2"])
+@pytest.mark.parametrize("family", ["solo", "decoupled_solo", "solov2"])
 def test_rle_decodes_to_the_bool_masks(family, backend):
     outputs, make = _family_case(family, CUT_CFG)
     dense = make(backend)(outputs, **SIZES)
@@ -393,7 +389,7 @@ def test_bad_arguments_of_the_fused_path():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("op_backend", ["cuda", "triton"])
-@pytest.mark.parametrize("family", ["decoupled_solo", "solov2"])
+@pytest.mark.parametrize("family", ["solo", "decoupled_solo", "solov2"])
 def test_gpu_fused_matches_cpu_reference_path(family, op_backend):
     outputs, make = _family_case(family, CUT_CFG)
     expected = make("reference")(outputs, **SIZES)

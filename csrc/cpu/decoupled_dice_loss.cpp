@@ -30,20 +30,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_kernel.h"
 #include "cpu/huge_pages.h"
 #include "decoupled_dice_loss.h"
 #include "op_checks.h"
 
 // N=images, S=grid side, K=positives, P=pixels of a mask map, C=kChunk pixels of a task
-
-// One binary for every x86-64 machine: the loops are compiled for AVX-512, AVX2 and the baseline,
-// and the loader picks the best (GNU ifunc).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SOLO_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLO_FAST_CPU_CLONES
-#endif
 
 namespace solo_fast {
 namespace {
@@ -56,11 +48,6 @@ using dl::GradCoefficients;
 // kFloatRun). The backward's six buffers of S x C floats (480 KiB at S = 40) stay in L2, while a
 // 200 x 272 map still makes 107 tasks per image.
 constexpr int64_t kChunk = 512;
-
-template <typename T>
-inline T* ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
 
 // ---------------------------------------------------------------------------------------------
 // Loops over the pixels of one chunk. Always inlined into the SIMD-cloned float32 wrappers.

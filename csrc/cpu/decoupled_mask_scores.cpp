@@ -28,19 +28,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_kernel.h"
 #include "decoupled_mask_scores.h"
 #include "op_checks.h"
 
 // N=images, C=channels of the concatenated levels, K=candidates, P=pixels of a mask map
-
-// One binary for every x86-64 machine: the loop is compiled for AVX-512, AVX2 and the baseline,
-// and the loader picks the best (GNU ifunc).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SOLO_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLO_FAST_CPU_CLONES
-#endif
 
 namespace solo_fast {
 namespace {
@@ -50,11 +42,6 @@ namespace ms = mask_scores;
 // Pixels summed in SIMD lanes before the running float64 total takes them: short enough that the
 // lanes' partial sums stay exact to float64 rounding of a few hundred floats.
 constexpr int64_t kChunk = 2048;
-
-template <typename T>
-inline T* ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
 
 template <typename prob_t, typename acc_t>
 __attribute__((always_inline)) inline void score_pair(const prob_t* __restrict py,

@@ -15,18 +15,10 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_kernel.h"
 #include "cpu/huge_pages.h"
 #include "dice_loss.h"
 #include "op_checks.h"
-
-// One binary for every x86-64 machine: the loops are compiled for AVX-512, AVX2 and the baseline,
-// and the loader picks the best (GNU ifunc).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SOLO_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLO_FAST_CPU_CLONES
-#endif
 
 namespace solo_fast {
 namespace {
@@ -38,11 +30,6 @@ using dice_loss::GradCoefficients;
 constexpr int64_t kTaskPixels = 16384;
 // Pixels summed in float before the partial sums move to double: bounds float rounding growth.
 constexpr int64_t kFloatRun = 512;
-
-template <typename T>
-inline T* ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
 
 // Sums a, b, c of pixels [begin, end) of one mask. Always inlined into the SIMD-cloned wrappers.
 template <bool kLogits, typename pred_t, typename target_t, typename acc_t>

@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_kernel.h"
 #include "cpu/gemm_task.h"
 #include "cpu/huge_pages.h"
 #include "dice_loss.h"
@@ -42,13 +43,6 @@
 
 // N=images, E=mask-feature channels, K=positives, K_n=positives of image n, P=pixels of a mask
 // map, T=kTile pixels of a tile
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SOLO_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLO_FAST_CPU_CLONES
-#endif
 
 namespace solo_fast {
 namespace {
@@ -62,11 +56,6 @@ constexpr int64_t kTile = 512;
 // Tiles per task: the span of pixels whose grad_kernels partial one task sums (a (K_n, E) buffer
 // per span). A 200 x 272 map gives 14 tasks per image.
 constexpr int64_t kTilesPerTask = 8;
-
-template <typename T>
-inline T* ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -42,21 +42,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_kernel.h"
 #include "cpu/gemm_task.h"
 #include "dynamic_mask_scores.h"
 #include "op_checks.h"
 
 // N=images, E=mask-feature channels, K=candidates, P=pixels of a mask map,
 // B=kBlock candidates of a task, T=kTile pixels of a task, Wd=ceil(P / 64) words of a packed mask
-
-// One binary for every x86-64 machine: the epilogue is compiled for AVX-512, AVX2 and the
-// baseline, and the loader picks the best (GNU ifunc).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SOLO_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLO_FAST_CPU_CLONES
-#endif
 
 namespace solo_fast {
 namespace {
@@ -73,11 +65,6 @@ constexpr int64_t kTile = 512;
 constexpr int64_t kWordBits = 64;
 static_assert(kTile % kWordBits == 0, "a tile must own whole words of the packed masks");
 constexpr int64_t kTileWords = kTile / kWordBits;
-
-template <typename T>
-inline T* ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

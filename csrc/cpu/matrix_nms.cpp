@@ -22,20 +22,11 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/cpu_kernel.h"
 #include "matrix_nms.h"
 #include "op_checks.h"
 
 // n=candidates, P=H*W pixels of a mask, Wd=words = ceil(P / 64), B=images (segments)
-
-// One binary for every x86-64 machine: the packing loop is compiled for AVX-512, AVX2 and the
-// baseline, and the loader picks the best (GNU ifunc).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SOLO_FAST_X86_DISPATCH 1
-#define SOLO_FAST_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLO_FAST_CPU_CLONES
-#endif
 
 namespace solo_fast {
 namespace {

@@ -6,14 +6,13 @@
 // column) and reduces the chunk's area and soft sum of s = y * x > threshold. Candidates share
 // rows and columns, which are then re-read from L2 (both branches of one image are 56 MB at
 // 128 channels of 200 x 272) rather than DRAM. Each block writes one partial; a second kernel adds
-// a candidate's partials in a fixed order (double), as dice_loss.cu does: no atomics, bitwise
-// reproducible on a given GPU.
+// a candidate's partials in a fixed order (double; mask_scores_common.cuh, shared with
+// solo_mask_scores.cu): no atomics, bitwise reproducible on a given GPU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,6 +24,7 @@
 #include <tuple>
 
 #include "cuda/dice_reduce.cuh"
+#include "cuda/mask_scores_common.cuh"
 #include "decoupled_mask_scores.h"
 #include "op_checks.h"
 
@@ -37,8 +37,6 @@ namespace ms = ::solo_fast::mask_scores;
 
 using cuda_dice::ceil_div;
 using cuda_dice::kThreads;
-using cuda_dice::kWarps;
-using cuda_dice::warp_sum;
 
 // Below a few thousand pixels per block the partial write and block reduction start to dominate.
 constexpr int64_t kMinChunk = 4096;
@@ -69,64 +67,8 @@ __global__ void __launch_bounds__(kThreads) scores_partials_kernel(
     sum += static_cast<double>(ms::masked_value(s, threshold));
   }
 
-  // Block reduction in a fixed order: warp butterflies, then warp 0 over the warp totals.
-  __shared__ long long shared_inside[kWarps];
-  __shared__ double shared_sum[kWarps];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  inside = warp_sum(inside);
-  sum = warp_sum(sum);
-  if (lane == 0) {
-    shared_inside[warp] = inside;
-    shared_sum[warp] = sum;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    inside = warp_sum(lane < kWarps ? shared_inside[lane] : 0LL);
-    sum = warp_sum(lane < kWarps ? shared_sum[lane] : 0.0);
-    if (lane == 0) {
-      partial_area[k * gridDim.y + blockIdx.y] = static_cast<int64_t>(inside);
-      partial_soft[k * gridDim.y + blockIdx.y] = sum;
-    }
-  }
-}
-
-// One warp per candidate: lane l adds chunks l, l + 32, ..., then a butterfly; the order depends
-// only on the chunk count.
-__global__ void __launch_bounds__(kThreads) scores_finalize_kernel(
-    const int64_t* __restrict__ partial_area, const double* __restrict__ partial_soft,
-    int64_t candidates, int64_t chunks, int64_t* __restrict__ area,
-    double* __restrict__ soft_sum) {
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (k >= candidates) return;  // uniform per warp, so the full-mask shuffles stay valid
-  const int lane = threadIdx.x % 32;
-  long long inside = 0;
-  double sum = 0.0;
-  for (int64_t j = lane; j < chunks; j += 32) {
-    inside += partial_area[k * chunks + j];
-    sum += partial_soft[k * chunks + j];
-  }
-  inside = warp_sum(inside);
-  sum = warp_sum(sum);
-  if (lane == 0) {
-    area[k] = static_cast<int64_t>(inside);
-    soft_sum[k] = sum;
-  }
-}
-
-// Every index within its range, so that no block reads out of bounds: one device-to-host copy of
-// the six bounds.
-void check_index_ranges(const at::Tensor& image, const at::Tensor& row, const at::Tensor& col,
-                        int64_t images, int64_t channels, const char* op) {
-  const at::Tensor bounds =
-      at::stack({image.min(), image.max(), row.min(), row.max(), col.min(), col.max()}).cpu();
-  const int64_t* b = bounds.const_data_ptr<int64_t>();
-  TORCH_CHECK(b[0] >= 0 && b[1] < images, op, ": image must lie in [0, N) = [0, ", images,
-              "), got values in [", b[0], ", ", b[1], "]");
-  TORCH_CHECK(b[2] >= 0 && b[3] < channels, op, ": row must lie in [0, C) = [0, ", channels,
-              "), got values in [", b[2], ", ", b[3], "]");
-  TORCH_CHECK(b[4] >= 0 && b[5] < channels, op, ": col must lie in [0, C) = [0, ", channels,
-              "), got values in [", b[4], ", ", b[5], "]");
+  cuda_scores::store_block_partial(inside, sum, k * gridDim.y + blockIdx.y, partial_area,
+                                   partial_soft);
 }
 
 std::tuple<at::Tensor, at::Tensor> decoupled_mask_scores_cuda(
@@ -145,7 +87,10 @@ std::tuple<at::Tensor, at::Tensor> decoupled_mask_scores_cuda(
   at::Tensor area = at::zeros({candidates}, image_in.options());
   at::Tensor soft_sum = at::zeros({candidates}, image_in.options().dtype(at::kDouble));
   if (candidates == 0) return {area, soft_sum};
-  check_index_ranges(image_in, row_in, col_in, x_in.size(0), channels, kOp);
+  cuda_scores::check_index_ranges({{"image", image_in, x_in.size(0), "N"},
+                                   {"row", row_in, channels, "C"},
+                                   {"col", col_in, channels, "C"}},
+                                  kOp);
   if (p == 0) return {area, soft_sum};
   const at::Tensor x = x_in.contiguous();  // (N, C, P)
   const at::Tensor y = y_in.contiguous();  // (N, C, P)
@@ -177,11 +122,8 @@ std::tuple<at::Tensor, at::Tensor> decoupled_mask_scores_cuda(
         partial_soft.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const unsigned finalize_blocks = static_cast<unsigned>(ceil_div(candidates, kWarps));
-  scores_finalize_kernel<<<finalize_blocks, kThreads, 0, stream>>>(
-      partial_area.const_data_ptr<int64_t>(), partial_soft.const_data_ptr<double>(),
-      candidates, chunks, area.mutable_data_ptr<int64_t>(), soft_sum.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda_scores::finalize_scores<int64_t>(partial_area, partial_soft, nullptr, area, soft_sum,
+                                          stream);
   return {area, soft_sum};
 }
 

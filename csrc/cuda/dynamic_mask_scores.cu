@@ -9,9 +9,9 @@
 // channels at a time through shared memory, each thread holding a kThreadM x kThreadN block of
 // z in registers. The epilogue turns z into s, thresholds it and reduces per candidate: each
 // thread over its kThreadN pixels, then a butterfly over the 16 lanes that share a row. Every
-// (candidate, pixel tile) pair writes its own partial; a second kernel adds a candidate's
-// partials in a fixed order (double) and scatters the sums back to the callers' order. No atomics:
-// bitwise reproducible on a given GPU.
+// (candidate, pixel tile) pair writes its own partial; a second kernel (mask_scores_common.cuh)
+// adds a candidate's partials in a fixed order (double) and scatters the sums back to the
+// callers' order. No atomics: bitwise reproducible on a given GPU.
 //
 // With pack_masks the same epilogue also writes the binary masks, bit-packed as matrix_nms_pack
 // packs them (bit b of word w = pixel 64 w + b). A half-warp holds one row's 128 pixels of the tile
@@ -46,6 +46,7 @@
 #include <tuple>
 
 #include "cuda/dice_reduce.cuh"
+#include "cuda/mask_scores_common.cuh"
 #include "dynamic_mask_scores.h"
 #include "op_checks.h"
 
@@ -59,8 +60,6 @@ namespace ms = ::solo_fast::mask_scores;
 
 using cuda_dice::ceil_div;
 using cuda_dice::kThreads;
-using cuda_dice::kWarps;
-using cuda_dice::warp_sum;
 
 // 64 candidates x 128 pixels per block, 256 threads of 4 x 8 outputs: 32 accumulators per thread
 // (64 registers in double), 16 operand loads from shared memory for 32 FMAs. The shared tiles of
@@ -211,29 +210,6 @@ __global__ void __launch_bounds__(kThreads) scores_partials_kernel(
   }
 }
 
-// One warp per sorted candidate: lane l adds pixel tiles l, l + 32, ..., then a butterfly; the
-// order depends only on the tile count. Writes the sums at the candidate's original index.
-__global__ void __launch_bounds__(kThreads) scores_finalize_kernel(
-    const int32_t* __restrict__ partial_area, const double* __restrict__ partial_soft,
-    const int64_t* __restrict__ order, int64_t candidates, int64_t pixel_tiles,
-    int64_t* __restrict__ area, double* __restrict__ soft_sum) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (row >= candidates) return;  // uniform per warp, so the full-mask shuffles stay valid
-  const int lane = threadIdx.x % 32;
-  long long inside = 0;
-  double sum = 0.0;
-  for (int64_t j = lane; j < pixel_tiles; j += 32) {
-    inside += partial_area[row * pixel_tiles + j];
-    sum += partial_soft[row * pixel_tiles + j];
-  }
-  inside = warp_sum(inside);
-  sum = warp_sum(sum);
-  if (lane == 0) {
-    area[order[row]] = static_cast<int64_t>(inside);
-    soft_sum[order[row]] = sum;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cuda(
     const at::Tensor& kernels_in, const at::Tensor& mask_feats_in, const at::Tensor& image_in,
     double threshold, bool pack_masks) {
@@ -308,12 +284,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cuda(
         pack_masks ? packed.mutable_data_ptr<int64_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const unsigned finalize_blocks = static_cast<unsigned>(ceil_div(candidates, kWarps));
-  scores_finalize_kernel<<<finalize_blocks, kThreads, 0, stream>>>(
-      partial_area.const_data_ptr<int32_t>(), partial_soft.const_data_ptr<double>(),
-      order_contiguous.const_data_ptr<int64_t>(), candidates, pixel_tiles,
-      area.mutable_data_ptr<int64_t>(), soft_sum.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Sums scattered back to the callers' order.
+  cuda_scores::finalize_scores<int32_t>(partial_area, partial_soft,
+                                        order_contiguous.const_data_ptr<int64_t>(), area,
+                                        soft_sum, stream);
   return {area, soft_sum, packed};
 }
 

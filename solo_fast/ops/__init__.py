@@ -9,7 +9,9 @@ from solo_fast.ops.dice_loss import dice_loss
 from solo_fast.ops.dynamic_mask_dice_loss import dynamic_mask_dice_loss
 from solo_fast.ops.dynamic_mask_scores import dynamic_mask_scores
 from solo_fast.ops.matrix_nms import PackedMasks, batched_matrix_nms, matrix_nms
+from solo_fast.ops.solo_mask_scores import solo_mask_scores
 
 __all__ = ["BACKENDS", "PackedMasks", "available_backends", "batched_matrix_nms", "choose_backend",
            "cuda_compiled", "decoupled_dice_loss", "decoupled_mask_scores", "dice_loss",
-           "dynamic_mask_dice_loss", "dynamic_mask_scores", "has_ops", "matrix_nms"]
+           "dynamic_mask_dice_loss", "dynamic_mask_scores", "has_ops", "matrix_nms",
+           "solo_mask_scores"]

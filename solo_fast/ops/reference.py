@@ -13,7 +13,7 @@ from torch import Tensor
 __all__ = ["decoupled_dice_loss_reference", "decoupled_mask_scores_reference",
            "dice_loss_reference", "dynamic_mask_dice_loss_reference",
            "dynamic_mask_scores_reference", "matrix_nms_reference", "pack_masks_reference",
-           "unpack_masks_reference"]
+           "solo_mask_scores_reference", "unpack_masks_reference"]
 
 
 def dice_loss_reference(pred: Tensor, target: Tensor, *, logits: bool = True,
@@ -335,3 +335,46 @@ def decoupled_mask_scores_reference(x_probs: Tensor, y_probs: Tensor, image: Ten
     soft = y_probs[image, row] * x_probs[image, col]  # (K, H, W)
     masks = soft > threshold
     return masks.sum((1, 2)), (soft * masks).sum((1, 2), dtype=torch.float64)
+
+
+# Candidates whose soft masks solo_mask_scores_reference holds at a time (64 x 200 x 272 fp32 =
+# 14 MB at 800 x 1088).
+_SOLO_SCORES_CHUNK = 64
+
+
+def solo_mask_scores_reference(mask_preds: Tensor, image: Tensor, channel: Tensor, *,
+                               size: tuple[int, int], threshold: float,
+                               logits: bool = True) -> tuple[Tensor, Tensor]:
+    """Area and soft sum of vanilla SOLO's candidate masks (mmdetection ``SOLOHead``, SPEC §9
+    3-6).
+
+    The soft mask of candidate k is channel ``channel[k]`` of image ``image[k]`` of one level,
+    activated (sigmoid, in the inputs' dtype) and resized bilinearly to ``size``
+    (align_corners=False), as mmdetection's eval forward resizes the whole level; the binary mask
+    is ``soft > threshold``. Chunks of candidates are gathered, activated and resized at a time.
+
+    Args:
+        mask_preds: (N, Q, h, w) floating mask logits (``logits=True``) or probabilities of one
+            level.
+        image: (K,) int64 in [0, N), the image of each candidate.
+        channel: (K,) int64 in [0, Q), the channel (grid cell) of each candidate.
+        size: (H, W), the level-0 mask-map size.
+        threshold: the mask threshold, compared in the soft masks' dtype.
+        logits: apply the sigmoid first.
+
+    Returns:
+        ``(area, soft_sum)`` as :func:`dynamic_mask_scores_reference`.
+    """
+    area = torch.zeros(image.shape[0], dtype=torch.int64, device=mask_preds.device)
+    soft_sum = torch.zeros(image.shape[0], dtype=torch.float64, device=mask_preds.device)
+    for start in range(0, image.shape[0], _SOLO_SCORES_CHUNK):
+        chunk = slice(start, start + _SOLO_SCORES_CHUNK)
+        maps = mask_preds[image[chunk], channel[chunk]]  # (k, h, w)
+        probs = maps.sigmoid() if logits else maps
+        # one image of k channels, as the eval forward resizes a level
+        soft = F.interpolate(probs[None], size=tuple(size), mode="bilinear",
+                             align_corners=False)[0]  # (k, H, W)
+        masks = soft > threshold
+        area[chunk] = masks.sum((1, 2))
+        soft_sum[chunk] = (soft * masks).sum((1, 2), dtype=torch.float64)
+    return area, soft_sum

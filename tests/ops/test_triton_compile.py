@@ -29,6 +29,7 @@ OP_KERNELS = {
                                "_dmd_bwd_kernels_kernel"},
     "dynamic_mask_scores": {"_dynamic_mask_scores_kernel"},
     "decoupled_mask_scores": {"_decoupled_mask_scores_kernel"},
+    "solo_mask_scores": {"_solo_mask_scores_kernel"},
 }
 
 # The installed package is solo_fast.kernels; the source tree has it as the top-level `kernels`.
