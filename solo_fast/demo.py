@@ -25,12 +25,13 @@ import torch
 
 __all__ = ["DEMO_OVERRIDES", "DEMO_SHAPES", "DemoSettings", "run_demo"]
 
-# Shapes images are 192-320 px a side; the demo trains and tests at 256 x 192, which made a step
+# Shapes images are 192-320 px a side; the demo trains at 256 x 192, which made a step
 # 0.73x as long as at 320 x 256 and, in the same 15 minutes, gave mask AP 0.342 against 0.282
 # (more steps beat resolution here; benchmarks/RESULTS.md, "The CPU demo"). The neck and head are
 # a quarter of the preset's width (64 channels): at 128 the category and kernel towers, which run
-# on all 3,872 grid cells, cost more than the backbone; at 64 a step takes ~0.7x as long and
-# learned faster per step as well (mask AP 0.208 against 0.173 after 600 steps).
+# on all 3,872 grid cells of an image, cost more than the backbone; at 64 a step takes ~0.7x as
+# long and the model learned faster per step as well (mask AP 0.208 against 0.173 after 600
+# steps).
 DEMO_OVERRIDES: dict[str, Any] = {
     "frozen_stages": -1,  # no pretrained weights: every stage learns
     "norm_eval": False,  # ... and BatchNorm learns its statistics
