@@ -27,7 +27,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solo_fast.models import build_model
+from solo_fast import build_model
 from tests.ops.helpers import peak_memory_mb
 
 TRAIN_PRESETS = {"solo": "solo_r50_fpn_1x_coco",

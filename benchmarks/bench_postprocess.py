@@ -42,8 +42,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import solo_fast.postprocess as postprocess
-import solo_fast.postprocess_fused as postprocess_fused
 from solo_fast.config import TestConfig
 from solo_fast.models.decoupled_solo import DecoupledSOLOOutput
 from solo_fast.models.solo import SOLOOutput
@@ -52,8 +50,9 @@ from solo_fast.postprocess import (
     DecoupledSOLOPostProcessor,
     SOLOPostProcessor,
     SOLOv2PostProcessor,
+    fused,
 )
-from solo_fast.postprocess_fused import batched_matrix_nms
+from solo_fast.postprocess import reference as reference_path
 from tests.ops.helpers import benchmark_cases, benchmark_op
 
 GRIDS = (40, 36, 24, 16, 12)
@@ -186,7 +185,7 @@ def test_postprocess(benchmark, family, provider, monkeypatch):
         into_nms=len(nms_input["labels"]), kept=len(expected[0]["labels"]))
     if provider == "matrix_nms":
         num = len(nms_input["labels"])
-        call = lambda: batched_matrix_nms(  # noqa: E731
+        call = lambda: fused.matrix_nms_by_image(  # noqa: E731
             nms_input["masks"], nms_input["labels"], nms_input["scores"],
             nms_input["mask_area"], torch.zeros(num, dtype=torch.int64), num_images=1,
             test_cfg=TestConfig())
@@ -196,8 +195,8 @@ def test_postprocess(benchmark, family, provider, monkeypatch):
             family, path.removeprefix("fused-"))
         call = lambda: processor(outputs, IMAGE_SIZES, ORIGINAL_SIZES)  # noqa: E731
         if provider.endswith("-no-nms"):
-            _replay_nms(monkeypatch, "matrix_nms", postprocess)
-            _replay_nms(monkeypatch, "batched_matrix_nms", postprocess_fused)
+            _replay_nms(monkeypatch, "matrix_nms_reference", reference_path)
+            _replay_nms(monkeypatch, "matrix_nms_by_image", fused)
             with torch.no_grad():
                 call()  # records the NMS result outside the measurements
     benchmark_op(benchmark, device="cpu", mode="forward", loss=call, leaves=[])

@@ -10,7 +10,7 @@ fused CPU, CUDA and Triton kernels.
 from solo_fast import ops
 from solo_fast.config import PRESETS, ModelConfig, get_preset
 from solo_fast.convert import convert_mmdet_state_dict
-from solo_fast.models import build_model
+from solo_fast.builder import build_model
 
 __version__ = "0.1.0"
 

@@ -110,7 +110,7 @@ def _load_checkpoint(path: str, device: str | None):
 
     import torch
 
-    from solo_fast.models import build_model
+    from solo_fast.builder import build_model
 
     checkpoint_path = Path(path)
     if not checkpoint_path.is_file():

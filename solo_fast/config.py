@@ -236,6 +236,17 @@ def get_preset(name: str, /, **overrides: Any) -> ModelConfig:
     return apply_overrides(PRESETS[name], overrides)
 
 
+def resolve_config(preset: str | ModelConfig, /, **overrides: Any) -> ModelConfig:
+    """The config of a preset name or a config, with keyword overrides applied.
+
+    Raises:
+        As :func:`get_preset` and :func:`apply_overrides`.
+    """
+    if isinstance(preset, ModelConfig):
+        return apply_overrides(preset, overrides) if overrides else preset
+    return get_preset(preset, **overrides)
+
+
 def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any]) -> ModelConfig:
     """A copy of ``config`` with fields replaced.
 

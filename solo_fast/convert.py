@@ -20,7 +20,7 @@ from torch import Tensor
 
 from solo_fast.config import ModelConfig, get_preset
 from solo_fast.engine.checkpoint import save_atomically
-from solo_fast.models import build_model, mmdet_key_map
+from solo_fast.models import build_network, mmdet_key_map
 
 __all__ = ["convert_mmdet_state_dict", "convert_mmdet_checkpoint", "extract_state_dict"]
 
@@ -79,7 +79,7 @@ def convert_mmdet_state_dict(mmdet_state_dict: Mapping[str, Any], preset: str | 
             unexpected.append(key)
 
     with torch.device("meta"):
-        expected = build_model(config).state_dict()
+        expected = build_network(config).state_dict()
     missing = [key for key in expected if key not in converted]
     unexpected += [key for key in converted if key not in expected]
     mis_shaped = [f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"

@@ -57,7 +57,7 @@ def test_make_shapes_easy_writes_the_demo_set(tmp_path):
 
 
 def test_a_checkpoint_with_a_weight_average_is_loaded_with_it(tmp_path):
-    from solo_fast.models import build_model
+    from solo_fast import build_model
 
     overrides = {"num_classes": 3}
     raw = build_model("solov2-light_r18_fpn_ms-3x_coco", **overrides).state_dict()

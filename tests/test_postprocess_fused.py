@@ -1,4 +1,4 @@
-"""The fused post-processing (solo_fast.postprocess_fused, the default path) against the reference
+"""The fused post-processing (solo_fast.postprocess.fused, the default path) against the reference
 path (``backend="reference"``, itself held to mmdetection in test_postprocess.py).
 
 Tolerance: labels, keep order, masks and boxes must be equal; scores to 1e-6 absolute, because the
@@ -16,7 +16,6 @@ import torch
 from pycocotools import mask as mask_util
 from torch import Tensor, nn
 
-import solo_fast.postprocess_fused as fused
 from solo_fast import ops
 from solo_fast.config import TestConfig
 from solo_fast.models.detector import SOLODetector
@@ -27,6 +26,9 @@ from solo_fast.postprocess import (
     DecoupledSOLOPostProcessor,
     SOLOPostProcessor,
     SOLOv2PostProcessor,
+    boxes_of_thresholded,
+    encode_rle,
+    fused,
     masks_to_boxes,
 )
 from tests.test_postprocess import (
@@ -165,13 +167,13 @@ def test_small_chunks_give_the_same_results(family, monkeypatch):
     expected = make(None)(outputs, **SIZES)
     processor = make(None)
     seen = []
-    final_soft = processor._final_soft
+    resize = fused.resize_to_original
 
     def spy(soft, *args):
         seen.append(len(soft))
-        return final_soft(soft, *args)
+        return resize(soft, *args)
 
-    monkeypatch.setattr(processor, "_final_soft", spy)
+    monkeypatch.setattr(fused, "resize_to_original", spy)
     monkeypatch.setattr(fused, "MASK_CHUNK", 5)
     monkeypatch.setattr(fused, "RESIZE_CHUNK", 3)
     _assert_same(processor(outputs, **SIZES), expected)
@@ -241,14 +243,14 @@ def test_encode_rle_of_known_masks():
     masks = torch.zeros(3, 4, 5, dtype=torch.bool)
     masks[0, 1:3, 2:4] = True
     masks[1, 3, 4] = True
-    encoded = fused.encode_rle(masks)
+    encoded = encode_rle(masks)
     # column-major runs: 0 x 9, 1 x 2, 0 x 2, 1 x 2, 0 x 5 for mask 0
     assert [rle["counts"] for rle in encoded][0] == mask_util.encode(
         np.asfortranarray(masks[0].numpy().astype(np.uint8)))["counts"].decode()
     assert torch.equal(_decode(encoded, (4, 5)), masks)
     assert mask_util.area([{"size": r["size"], "counts": r["counts"].encode()}
                            for r in encoded]).tolist() == [4, 1, 0]
-    assert fused.encode_rle(torch.zeros(0, 4, 5, dtype=torch.bool)) == []
+    assert encode_rle(torch.zeros(0, 4, 5, dtype=torch.bool)) == []
 
 
 # ------------------------------------------------------------- the cut and the NMS wrapper
@@ -275,14 +277,14 @@ def test_nms_pre_cut_equals_a_stable_sort_per_image():
 
 
 def _nms_masks_spy(monkeypatch) -> list:
-    """Records the masks of every batched_matrix_nms call of the fused path."""
-    seen, real = [], fused.batched_matrix_nms
+    """Records the masks of every matrix_nms_by_image call of the fused path."""
+    seen, real = [], fused.matrix_nms_by_image
 
     def spy(masks, *args, **kwargs):
         seen.append(masks)
         return real(masks, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "batched_matrix_nms", spy)
+    monkeypatch.setattr(fused, "matrix_nms_by_image", spy)
     return seen
 
 
@@ -313,7 +315,7 @@ def test_the_other_families_give_matrix_nms_bool_masks(family, monkeypatch):
     assert len(seen) == 1 and seen[0].dtype == torch.bool and len(seen[0]) > 12
 
 
-def test_batched_matrix_nms_is_matrix_nms_per_image():
+def test_matrix_nms_by_image_is_matrix_nms_per_image():
     generator = torch.Generator().manual_seed(1)
     masks = torch.rand(40, 6, 7, generator=generator) > 0.4
     labels = torch.randint(0, 2, (40,), generator=generator)
@@ -322,10 +324,10 @@ def test_batched_matrix_nms_is_matrix_nms_per_image():
     image[image == 1] = 3  # image 1 has no candidate
     cfg = TestConfig(nms_pre=8, max_per_img=5, filter_thr=0.1)
     area = masks.sum((1, 2)).float()
-    results = fused.batched_matrix_nms(masks, labels, scores, area, image, num_images=5,
+    results = fused.matrix_nms_by_image(masks, labels, scores, area, image, num_images=5,
                                        test_cfg=cfg)
     packed = PackedMasks(pack_masks_reference(masks), 6, 7)
-    for result, same in zip(results, fused.batched_matrix_nms(
+    for result, same in zip(results, fused.matrix_nms_by_image(
             packed, labels, scores, area, image, num_images=5, test_cfg=cfg)):
         for a, b in zip(result, same):
             assert torch.equal(a, b)
@@ -405,16 +407,13 @@ def test_gpu_fused_matches_cpu_reference_path(family, op_backend):
 
 @pytest.mark.parametrize("num, height, width", [(0, 7, 9), (1, 1, 1), (5, 37, 53)])
 def test_boxes_from_soft_masks_equal_boxes_of_the_thresholded_masks(num, height, width):
-    from solo_fast.postprocess import masks_to_boxes
-    from solo_fast.postprocess_fused import _boxes_of_thresholded
-
     generator = torch.Generator().manual_seed(num)
     soft = torch.rand((num, height, width), generator=generator) * 0.6
     if num > 1:
         soft[1] = 0.2  # an empty mask: box (0, 0, 0, 0)
         soft[0, height // 2, 0] = 0.5  # equal to the threshold: not in the mask
     expected = masks_to_boxes(soft > 0.5)
-    assert torch.equal(_boxes_of_thresholded(soft, 0.5), expected)
+    assert torch.equal(boxes_of_thresholded(soft, 0.5), expected)
     if num:
         soft[-1, 0, 0] = float("nan")  # a NaN row maximum must not hide that row's pixels
-        assert torch.equal(_boxes_of_thresholded(soft, 0.5), masks_to_boxes(soft > 0.5))
+        assert torch.equal(boxes_of_thresholded(soft, 0.5), masks_to_boxes(soft > 0.5))

@@ -26,42 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from solo_fast.engine.checkpoint import write_json_atomically
+from solo_fast.postprocess import encode_rle
 
-__all__ = ["METRIC_NAMES", "CocoEvaluator", "encode_masks", "evaluate_model", "xyxy_to_xywh"]
+__all__ = ["METRIC_NAMES", "CocoEvaluator", "evaluate_model", "xyxy_to_xywh"]
 
 # K=instances of an image, H0/W0=original image height/width
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 IOU_TYPES = ("segm", "bbox")
-
-
-def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
-    """Compressed COCO RLEs of binary masks, JSON-ready.
-
-    Args:
-        masks: ``(K, H0, W0)`` bool (or 0/1) masks, tensor or array, on any device.
-
-    Returns:
-        ``K`` dicts ``{"size": [H0, W0], "counts": str}``.
-    """
-    if isinstance(masks, torch.Tensor):
-        masks = masks.detach().cpu().numpy()
-    masks = np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be (K, H, W), got shape {masks.shape}")
-    if masks.shape[0] == 0:
-        return []
-    # pycocotools encodes column-major (H, W, K) uint8 in one call
-    stacked = np.asfortranarray(masks.astype(np.uint8, copy=False).transpose(1, 2, 0))
-    rles = mask_utils.encode(stacked)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON
-    return rles
 
 
 def xyxy_to_xywh(boxes: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -157,7 +133,7 @@ class CocoEvaluator:
                                  f"{len(labels)} labels")
             rles = list(masks)
         else:
-            rles = encode_masks(masks)
+            rles = encode_rle(masks)
         results = []
         for k, label in enumerate(labels):
             if not 0 <= label < len(self.label_to_category_id):

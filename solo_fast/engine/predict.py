@@ -20,7 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from solo_fast.data.coco import Sample
 from solo_fast.data.collate import collate
 from solo_fast.data.transforms import build_eval_transform
-from solo_fast.engine.evaluate import encode_masks, xyxy_to_xywh
+from solo_fast.engine.evaluate import xyxy_to_xywh
+from solo_fast.postprocess import encode_rle
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_image_paths", "load_image", "predict_images",
            "predictions_to_coco_json"]
@@ -154,7 +155,7 @@ def predictions_to_coco_json(results: Iterable[tuple[str | os.PathLike, Mapping[
         labels = _as_list(prediction["labels"])
         if not labels:
             continue
-        rles = encode_masks(prediction["masks"])
+        rles = encode_rle(prediction["masks"])
         boxes = xyxy_to_xywh(prediction["boxes"]).tolist()
         scores = [float(s) for s in _as_list(prediction["scores"])]
         for k, label in enumerate(labels):

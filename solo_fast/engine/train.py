@@ -404,10 +404,10 @@ def train_on_coco(*, preset: str, overrides: dict[str, Any], annotation_file: st
         The trained model (its weight average when ``ema_decay`` is set) and the log
         records of this call.
     """
+    from solo_fast.builder import build_model
     from solo_fast.config import apply_overrides, get_preset
     from solo_fast.data import CocoInstances, build_train_loader, build_train_transform
     from solo_fast.engine.distributed import init_from_environment
-    from solo_fast.models import build_model
 
     rank, world_size, device = init_from_environment(settings.device)
     config = get_preset(preset)

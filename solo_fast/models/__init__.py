@@ -1,6 +1,7 @@
 """SOLO-family models: backbone + FPN + one head per family, each returning raw per-level tensors.
 
-:func:`build_model` builds the detector of any :class:`~solo_fast.config.ModelConfig`; each
+:func:`build_network` builds the network of any :class:`~solo_fast.config.ModelConfig` (the
+whole detector with its criterion and post-processing is ``solo_fast.build_model``); each
 family has its module (``solo.py``, ``decoupled_solo.py``, ``solov2.py``: heads, builder and
 mmdetection key map), and :data:`FAMILIES` maps a config's family to its builder and key map.
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from solo_fast.config import ModelConfig, apply_overrides, get_preset
+from solo_fast.config import ModelConfig, resolve_config
 from solo_fast.models import decoupled_solo, solo, solov2
 from solo_fast.models.backbone import FPN, ResNet, build_backbone, build_neck
-from solo_fast.models.common import ConvGNReLU, coord_features, points_nms, resize_feats
+from solo_fast.models.common import ConvGNReLU, coord_features, resize_feats
 from solo_fast.models.detector import SOLODetector
 from solo_fast.models.solov2 import (
     MaskFeatModule,
@@ -25,23 +26,22 @@ from solo_fast.models.solov2 import (
 )
 
 __all__ = [
-    "ConvGNReLU",
+    "FAMILIES",
     "FPN",
+    "ConvGNReLU",
     "MaskFeatModule",
     "ResNet",
+    "SOLODetector",
     "SOLOv2",
     "SOLOv2Head",
     "SOLOv2Output",
     "build_backbone",
-    "FAMILIES",
-    "SOLODetector",
-    "build_model",
-    "mmdet_key_map",
     "build_neck",
+    "build_network",
     "build_solov2",
     "build_solov2_head",
     "coord_features",
-    "points_nms",
+    "mmdet_key_map",
     "resize_feats",
 ]
 
@@ -55,27 +55,21 @@ FAMILIES: dict[str, tuple[Callable[[ModelConfig], SOLODetector], Callable[[str],
 }
 
 
-def build_model(preset: str | ModelConfig, /, **overrides: Any) -> SOLODetector:
-    """The detector of a preset or config.
-
-    Examples::
-
-        build_model("solov2_r50_fpn_1x_coco", num_classes=3)
-        build_model(get_preset("solo_r50_fpn_3x_coco"))
+def build_network(preset: str | ModelConfig, /, **parts: Any) -> SOLODetector:
+    """The detector network (backbone, FPN, head) of a preset or config, without a criterion or a
+    post-processing unless ``parts`` passes them (``solo_fast.build_model`` builds both).
 
     Args:
         preset: A name of :data:`~solo_fast.config.PRESETS` or a :class:`ModelConfig`.
-        **overrides: Config fields to change (:func:`~solo_fast.config.get_preset`).
+        **parts: Constructor arguments of the detector (``criterion``, ``postprocess``, ...).
 
     Raises:
-        ValueError: an unknown preset or override.
+        ValueError: an unknown preset.
         NotImplementedError: DCN / ResNeXt configs.
     """
-    cfg = preset if isinstance(preset, ModelConfig) else get_preset(preset)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
+    cfg = resolve_config(preset)
     build, _ = FAMILIES[cfg.head.family]
-    return build(cfg)
+    return build(cfg, **parts)
 
 
 def mmdet_key_map(family: str) -> Callable[[str], str]:

@@ -4,7 +4,6 @@
   the submodule names ``conv`` and ``gn`` so that mmdetection's tower weights load unchanged.
 * :func:`coord_features`, mmdetection's ``generate_coordinate`` (SPEC §1.6).
 * :func:`resize_feats`, the FPN-to-instance-level resampling of SPEC §1.5.
-* :func:`points_nms`, the 2x2 local-maximum filter on class scores (SPEC §3.2).
 """
 
 # N=images, C=channels, H, W=spatial size of the tensor at hand, L=levels
@@ -22,7 +21,6 @@ __all__ = [
     "ConvGNReLU",
     "PRIOR_PROB_BIAS",
     "coord_features",
-    "points_nms",
     "resize_feats",
 ]
 
@@ -95,19 +93,3 @@ def resize_feats(feats: Sequence[Tensor]) -> list[Tensor]:
     out[-1] = F.interpolate(
         feats[-1], size=feats[-2].shape[-2:], mode="bilinear", align_corners=False)
     return out
-
-
-def points_nms(scores: Tensor) -> Tensor:
-    """Keep a cell's score iff it is >= its up, left and up-left neighbours; zero it otherwise.
-
-    mmdetection's ``points_nms(heat, kernel=2)``: a 2x2 max-pool (stride 1, padding 1) cropped to
-    the input size. Each class channel is filtered independently and ties are kept.
-
-    Args:
-        scores: (N, C, S, S) class probabilities (after the sigmoid).
-
-    Returns:
-        (N, C, S, S), ``scores`` with the suppressed cells set to 0.
-    """
-    local_max = F.max_pool2d(scores, 2, stride=1, padding=1)[:, :, :-1, :-1]  # (N, C, S, S)
-    return scores * (local_max == scores)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -249,14 +249,14 @@ def build_decoupled_solo_head(cfg: HeadConfig) -> DecoupledSOLOHead | DecoupledS
         cls_down_index=cfg.cls_down_index, num_groups=cfg.norm_groups)
 
 
-def build_decoupled_solo(cfg: ModelConfig) -> DecoupledSOLO:
+def build_decoupled_solo(cfg: ModelConfig, **parts: Any) -> DecoupledSOLO:
     """A Decoupled SOLO / Decoupled SOLO Light detector from a config, e.g. a
     :data:`~solo_fast.config.PRESETS` one.
 
     Raises:
         NotImplementedError: DCN or ResNeXt configs (checked before anything is built).
     """
-    return build_detector(cfg, build_decoupled_solo_head, DecoupledSOLO)
+    return build_detector(cfg, build_decoupled_solo_head, DecoupledSOLO, **parts)
 
 
 # ------------------------------------------------------------------- mmdetection checkpoint names

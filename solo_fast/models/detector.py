@@ -33,9 +33,10 @@ class SOLODetector(nn.Module):
         backbone: Images (N, 3, H, W) -> C2..C5.
         neck: C2..C5 -> P2..P6.
         head: P2..P6 -> the family's raw outputs (a NamedTuple of per-level tensors).
-        criterion: (outputs, targets) -> dict of named losses (:mod:`solo_fast.losses`).
+        criterion: (outputs, targets) -> dict of named losses
+            (``solo_fast.losses.build_criterion``); None: :meth:`loss` raises.
         postprocess: (outputs, image_sizes, original_sizes, *, mask_format) -> instances per
-            image (:func:`solo_fast.postprocess.build_postprocessor`).
+            image (``solo_fast.postprocess.build_postprocessor``); None: :meth:`predict` raises.
     """
 
     def __init__(self, *, backbone: nn.Module, neck: nn.Module, head: nn.Module,
@@ -79,7 +80,7 @@ class SOLODetector(nn.Module):
         """Instances per image.
 
         The post-processing runs its fused path unless built with ``backend="reference"``
-        (:func:`solo_fast.postprocess.build_postprocessor`); switch an existing model with
+        (``solo_fast.postprocess.build_postprocessor``); switch an existing model with
         ``model.postprocess.backend = "reference"`` (or an op backend name, or None).
 
         Args:
@@ -115,21 +116,16 @@ def build_detector(cfg: ModelConfig, build_head: Callable[[HeadConfig], nn.Modul
                    detector_type: type[D], **parts: Any) -> D:
     """A detector of ``detector_type`` with ``build_head(cfg.head)`` on a ResNet + FPN.
 
-    The backbone's ImageNet weights are loaded when ``cfg.backbone.pretrained`` is set; the
-    criterion and the post-processing are the family's (:func:`solo_fast.losses.build_criterion`,
-    :func:`solo_fast.postprocess.build_postprocessor`). ``parts`` may replace any constructor
-    argument (a criterion with another dice backend, say).
+    The backbone's ImageNet weights are loaded when ``cfg.backbone.pretrained`` is set. The
+    criterion and the post-processing are not built here (the models do not depend on them):
+    ``parts`` passes them, and may replace any other constructor argument;
+    ``solo_fast.build_model`` assembles the whole detector.
     """
-    # Imported here: both import the ops, which the model modules themselves do not need.
-    from solo_fast.losses import build_criterion
-    from solo_fast.postprocess import build_postprocessor
-
     check_supported(cfg)
     head = build_head(cfg.head)
     backbone = build_backbone(cfg.backbone)
     neck = build_neck(cfg.neck, backbone.out_channels)
-    arguments = dict(backbone=backbone, neck=neck, head=head, criterion=build_criterion(cfg.head),
-                     postprocess=build_postprocessor(cfg))
+    arguments = dict(backbone=backbone, neck=neck, head=head)
     arguments.update(parts)
     return detector_type(**arguments)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -190,13 +190,13 @@ def build_solo_head(cfg: HeadConfig) -> SOLOHead:
         cls_down_index=cfg.cls_down_index, num_groups=cfg.norm_groups)
 
 
-def build_solo(cfg: ModelConfig) -> SOLO:
+def build_solo(cfg: ModelConfig, **parts: Any) -> SOLO:
     """A SOLO detector from a config, e.g. a :data:`~solo_fast.config.PRESETS` one.
 
     Raises:
         NotImplementedError: DCN or ResNeXt configs (checked before anything is built).
     """
-    return build_detector(cfg, build_solo_head, SOLO)
+    return build_detector(cfg, build_solo_head, SOLO, **parts)
 
 
 # ------------------------------------------------------------------- mmdetection checkpoint names

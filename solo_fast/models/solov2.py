@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -240,14 +240,14 @@ def build_solov2_head(cfg: HeadConfig) -> SOLOv2Head:
         num_grids=cfg.num_grids, num_groups=cfg.norm_groups)
 
 
-def build_solov2(cfg: ModelConfig) -> SOLOv2:
+def build_solov2(cfg: ModelConfig, **parts: Any) -> SOLOv2:
     """A SOLOv2 / Light SOLOv2 detector from a config, e.g. a :data:`~solo_fast.config.PRESETS`
     one.
 
     Raises:
         NotImplementedError: DCN or ResNeXt configs (checked before anything is built).
     """
-    return build_detector(cfg, build_solov2_head, SOLOv2)
+    return build_detector(cfg, build_solov2_head, SOLOv2, **parts)
 
 
 # ------------------------------------------------------------------- mmdetection checkpoint names

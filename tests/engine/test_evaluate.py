@@ -15,11 +15,11 @@ from solo_fast.data import CocoInstances, make_shapes
 from solo_fast.engine.evaluate import (
     METRIC_NAMES,
     CocoEvaluator,
-    encode_masks,
     evaluate_model,
     xyxy_to_xywh,
 )
 from solo_fast.engine.visualize import class_color, draw_instances, save_overlay
+from solo_fast.postprocess import encode_rle
 
 KEYS = [f"{t}/{m}" for t in ("segm", "bbox") for m in METRIC_NAMES]
 
@@ -137,13 +137,13 @@ def test_results_json_round_trips_through_load_res(dataset, tmp_path):
 def test_encode_masks_and_boxes():
     masks = torch.zeros(2, 5, 7, dtype=torch.bool)
     masks[0, 1:3, 2:6] = True
-    rles = encode_masks(masks)
+    rles = encode_rle(masks)
     assert [r["size"] for r in rles] == [[5, 7], [5, 7]]
     from pycocotools import mask as mask_utils
     decoded = mask_utils.decode([{"size": r["size"], "counts": r["counts"].encode()}
                                  for r in rles])
     assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks.numpy())
-    assert encode_masks(torch.zeros(0, 5, 7, dtype=torch.bool)) == []
+    assert encode_rle(torch.zeros(0, 5, 7, dtype=torch.bool)) == []
     np.testing.assert_allclose(xyxy_to_xywh(torch.tensor([[2.0, 1.0, 6.0, 3.0]])), [[2, 1, 4, 2]])
 
 
@@ -176,7 +176,7 @@ class _Oracle(torch.nn.Module):
 
     def predict(self, outputs, image_sizes, original_sizes, *, mask_format="bool"):
         assert mask_format == "rle"  # evaluate_model asks for RLE: no full-size masks kept
-        return [{**self.truth[i], "masks": encode_masks(self.truth[i]["masks"])}
+        return [{**self.truth[i], "masks": encode_rle(self.truth[i]["masks"])}
                 for i in self.ids.pop(0)]
 
 
@@ -262,7 +262,7 @@ def test_nan_when_an_area_range_has_no_ground_truth(tmp_path):
     from pycocotools.coco import COCO
     mask = np.zeros((120, 120), dtype=bool)
     mask[10:110, 10:110] = True
-    rle = encode_masks(mask[None])[0]
+    rle = encode_rle(mask[None])[0]
     data = {"images": [{"id": 1, "file_name": "a.png", "height": 120, "width": 120}],
             "categories": [{"id": 5, "name": "square"}],
             "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "segmentation": rle,
@@ -282,6 +282,6 @@ def test_nan_when_an_area_range_has_no_ground_truth(tmp_path):
 def test_rle_masks_must_match_the_labels(dataset):
     image_id, prediction = next(_gt_predictions(dataset))
     evaluator = _evaluator(dataset)
-    rles = encode_masks(prediction["masks"])[:-1]
+    rles = encode_rle(prediction["masks"])[:-1]
     with pytest.raises(ValueError, match="RLE masks for"):
         evaluator.process([image_id], [{**prediction, "masks": rles}])

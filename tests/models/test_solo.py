@@ -12,7 +12,8 @@ from torch import Tensor
 
 from solo_fast.config import PRESETS, get_preset
 from solo_fast.losses import SOLOCriterion
-from solo_fast.models import build_model, points_nms
+from solo_fast import build_model
+from solo_fast.postprocess import points_nms
 from solo_fast.models.solo import (
     SOLO,
     SOLOHead,

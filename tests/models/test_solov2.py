@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from solo_fast.config import PRESETS, get_preset
-from solo_fast.models import build_model, points_nms
+from solo_fast import build_model
+from solo_fast.postprocess import points_nms
 from solo_fast.models.solov2 import (
     MaskFeatModule,
     SOLOv2,
