@@ -1,6 +1,6 @@
 """The whole detector: a family's network with its criterion and its post-processing.
 
-The three are separate objects (docs/algorithms.md §<detector>): the network lives in
+The three are separate objects (docs/algorithms.md §1.1): the network lives in
 :mod:`solo_fast.models`, the criterion in :mod:`solo_fast.losses`, the post-processing in
 :mod:`solo_fast.postprocess`; this module, one level above all three, puts them together.
 """

@@ -1,6 +1,7 @@
 """solo_fast.postprocess's reference path (``backend="reference"``) against mmdetection 3.3's
-``predict_by_feat`` on the head fixtures (tests/fixtures/mmdet/head_<variant>.pt, README §5
-"Inference (eval)"). The fused path is held to this one in test_postprocess_fused.py."""
+``predict_by_feat`` on the head fixtures (tests/fixtures/mmdet/head_<variant>.pt; their
+README.md §5 "Inference (eval)"). The fused path is held to this one in
+test_postprocess_fused.py."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ VARIANTS = ["solo", "decoupled_solo", "decoupled_solo_light", "solov2"]
 MASK_KEYS = {"solo": ["mlvl_mask_preds"],
              "decoupled_solo": ["mlvl_mask_preds_x", "mlvl_mask_preds_y"],
              "decoupled_solo_light": ["mlvl_mask_preds_x", "mlvl_mask_preds_y"]}
-SCORE_TOL = {"atol": 1e-5, "rtol": 0.0}  # README §0: head prediction scores
-NMS_TOL = {"atol": 1e-6, "rtol": 0.0}  # README §0: matrix-NMS scores
+SCORE_TOL = {"atol": 1e-5, "rtol": 0.0}  # tests/fixtures/mmdet/README.md §0: head prediction
+NMS_TOL = {"atol": 1e-6, "rtol": 0.0}  # tests/fixtures/mmdet/README.md §0: matrix NMS
 _CACHE: dict[str, dict] = {}
 
 

@@ -126,7 +126,7 @@ def test_batch_matches_mmdet_per_image(head: str) -> None:
 def test_crowded_solov2_keeps_duplicates_and_float32_boundary_cell() -> None:
     levels = solov2_targets([_gt_case("crowded_320x448")], config=_config("solov2"))
     duplicates = sum(int(t.pos_cell.numel() - t.num_pos) for t in levels)
-    assert duplicates == 13  # README §4
+    assert duplicates == 13  # tests/fixtures/mmdet/README.md §4
     # GT 4's mass-centre row 208.0 lands in cell row 25 in float32 (exact arithmetic says 26),
     # so with the 3x3 clamp its level-0 rows are 24..26
     rows = levels[0].pos_row[levels[0].pos_instance == 4]

@@ -24,7 +24,7 @@ Following one image from ``solo-fast predict`` to its instances, the files in or
 ``reference.py`` (:func:`predict_reference`) does step 5 the way mmdetection 3.3 does it, from
 every candidate's soft mask: the oracle the fused path is tested against, selected with
 ``backend="reference"``. The algorithm, and where solo_fast differs from mmdetection, is in
-docs/algorithms.md §<inference>.
+docs/algorithms.md §10.
 
 Imports run one way: ``common`` <- ``fused``, ``reference`` <- ``processor`` <- the families <-
 this file.

@@ -1,6 +1,6 @@
 """What every post-processing path shares: candidates, their masks' interface, boxes, resize, RLE.
 
-The steps themselves are described in docs/algorithms.md §<inference>; this module holds the
+The steps themselves are described in docs/algorithms.md §10; this module holds the
 pieces that the fused path (:mod:`.fused`), the reference path (:mod:`.reference`) and the
 families (:mod:`.solo`, :mod:`.decoupled_solo`, :mod:`.solov2`) all use, so each is written once.
 """

@@ -1,5 +1,5 @@
 """Decoupled SOLO's (and Decoupled SOLO Light's) post-processing (docs/algorithms.md
-§<inference>).
+§10).
 
 The soft mask of cell (i, j) is sigmoid(X[j]) * sigmoid(Y[i]), each branch's probabilities
 resized bilinearly to the level-0 mask size first, as in mmdetection. Only the X columns and Y

@@ -1,5 +1,5 @@
 """The fused, batched post-processing: the default path of every family (docs/algorithms.md
-§<inference>, §<fused-inference>).
+§10, §10.10).
 
 It computes what :mod:`.reference` computes, in another order, so that no step holds a soft mask
 per candidate:
@@ -153,7 +153,7 @@ def matrix_nms_by_image(masks: Tensor | ops.PackedMasks, labels: Tensor, scores:
                         mask_area: Tensor, image: Tensor, *, num_images: int,
                         test_cfg: TestConfig, backend: str | None = None) -> list[NMSResult]:
     """Matrix NMS of every image of a batch with ``test_cfg``'s settings, split per image
-    (docs/algorithms.md §<matrix-nms>): one :func:`solo_fast.ops.batched_matrix_nms` call.
+    (docs/algorithms.md §11): one :func:`solo_fast.ops.batched_matrix_nms` call.
 
     Args:
         masks: (M, H4, W4) bool binary masks of the candidates of all images, concatenated, or

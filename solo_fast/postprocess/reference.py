@@ -1,6 +1,6 @@
 """The reference post-processing: mmdetection 3.3's ``SOLOHead._predict_by_feat_single`` (and its
 Decoupled and SOLOv2 siblings) operation for operation, so its results are mmdetection's
-(docs/algorithms.md §<inference>). It is the oracle the fused path (:mod:`.fused`) is tested
+(docs/algorithms.md §10). It is the oracle the fused path (:mod:`.fused`) is tested
 against, as :mod:`solo_fast.ops.reference` is for the ops, and it records intermediate values for
 tests (``trace``).
 

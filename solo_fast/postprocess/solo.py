@@ -1,4 +1,4 @@
-"""SOLO's post-processing: one mask channel per grid cell (docs/algorithms.md §<inference>).
+"""SOLO's post-processing: one mask channel per grid cell (docs/algorithms.md §10).
 
 A candidate's soft mask is the sigmoid of its cell's channel, resized bilinearly to the level-0
 mask size (sigmoid first, as mmdetection's eval forward does); only the candidates' channels are

@@ -1,5 +1,5 @@
 """SOLOv2's post-processing: dynamic 1x1 kernels applied to the mask features
-(docs/algorithms.md §<inference>).
+(docs/algorithms.md §10).
 
 A candidate's soft mask is sigmoid(kernel . mask_feats), computed for the candidates' kernels
 only: on the reference path as one 1x1 convolution per image (mmdetection's operation), on the

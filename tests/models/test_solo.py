@@ -67,7 +67,8 @@ def gt_instances(fixture: dict, *, empty: bool = False) -> list[dict]:
 
 def assert_channel_subset(actual: Tensor, encoded: dict, *, atol: float, rtol: float,
                           zero_elsewhere: bool = False, msg: str = "") -> None:
-    """``actual`` (N, Q, h, w) against a ``channel_subset`` encoding (fixtures README §0).
+    """``actual`` (N, Q, h, w) against a ``channel_subset`` encoding
+    (tests/fixtures/mmdet/README.md §0).
 
     The stored channels are compared value by value; the per-channel sum and sum of squares of
     every channel with the float64 statistics (tolerance scaled by the pixel count). With
