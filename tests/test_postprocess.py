@@ -372,11 +372,16 @@ def test_build_postprocessor_per_family():
         assert build_postprocessor(cfg, backend="reference").backend == "reference"
 
 
+def _raw_solov2(fixture: dict) -> SOLOv2Output:
+    """The SOLOv2 fixture's eval-mode outputs (its raw outputs: SOLOv2 prepares nothing)."""
+    outputs = fixture["eval"]["outputs"]
+    return SOLOv2Output(outputs["mlvl_kernel_preds"], outputs["mlvl_cls_preds"],
+                        outputs["mask_feats"])
+
+
 def test_bad_arguments():
     fixture = _load("solov2")
-    outputs = fixture["eval"]["outputs"]
-    raw = SOLOv2Output(outputs["mlvl_kernel_preds"], outputs["mlvl_cls_preds"],
-                       outputs["mask_feats"])
+    raw = _raw_solov2(fixture)
     processor = _processor(fixture)
     with pytest.raises(ValueError, match="one \\(h, w\\) per image of the batch \\(2\\)"):
         processor(raw, [(96, 120)], [(72, 90)])
@@ -387,3 +392,7 @@ def test_bad_arguments():
                   *_sizes(fixture))
     with pytest.raises(ValueError, match="num_grids and strides"):
         SOLOPostProcessor(test_cfg=TestConfig(), num_grids=(40, 36), strides=(8,))
+    with pytest.raises(TypeError, match="SOLOv2PostProcessor has no eval-mode-prepared form"):
+        processor.process_prepared(cls_scores=prepare_cls_scores(raw.cls_preds),
+                                   image_sizes=_sizes(fixture)[0],
+                                   original_sizes=_sizes(fixture)[1])

@@ -38,6 +38,7 @@ from tests.test_postprocess import (
     _predict,
     _processor,
     _random_outputs,
+    _raw_solov2,
     _sizes,
     _test_cfg,
 )
@@ -366,9 +367,7 @@ def test_detector_predict_passes_mask_format():
 
 def test_bad_arguments_of_the_fused_path():
     fixture = _load("solov2")
-    outputs = fixture["eval"]["outputs"]
-    raw = SOLOv2Output(outputs["mlvl_kernel_preds"], outputs["mlvl_cls_preds"],
-                       outputs["mask_feats"])
+    raw = _raw_solov2(fixture)
     sizes = _sizes(fixture)
     processor = _processor(fixture, backend=None)
     with pytest.raises(ValueError, match=r"mask_format must be one of \('bool', 'rle'\), "
