@@ -59,7 +59,7 @@ def check_family(family: str, *, device: str, size: int, repeats: int) -> tuple[
                 expected = (losses, grads)
             loss_error = max(_relative(losses[k], expected[0][k]) for k in expected[0])
             grad_error = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                             for g, r in zip(grads, expected[1]) if r.numel())
+                             for g, r in zip(grads, expected[1], strict=True) if r.numel())
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()

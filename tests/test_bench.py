@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from solo_fast import bench, cli
-from solo_fast.bench.cases import CASES, Problem, cases, relative_error
+from solo_fast.bench.cases import CASES, Case, Problem, cases, relative_error
 
 OPS = ["dice_loss", "decoupled_dice_loss", "dynamic_mask_dice_loss", "decoupled_mask_scores",
        "dynamic_mask_scores", "solo_mask_scores", "matrix_nms"]
@@ -42,10 +42,10 @@ def test_a_wrong_backend_is_caught():
     # the same inputs with a loss off by one part in a thousand: the error must show it
     skewed = Problem(call=lambda backend: made.call("reference") * (
         1.001 if backend == "cpu" else 1.0), pick=made.pick, leaves=made.leaves)
-    broken = type(case)(op=case.op, size=case.size, tier=case.tier, modes=case.modes,
-                        make=lambda device: skewed)
-    reference, fused = bench.run_case(broken, device="cpu", backends=["reference", "cpu"],
-                                      repeats=1, memory=False)
+    broken = Case(op=case.op, size=case.size, tier=case.tier, modes=case.modes,
+                  make=lambda device: skewed)
+    _, fused = bench.run_case(broken, device="cpu", backends=["reference", "cpu"], repeats=1,
+                              memory=False)
     assert fused.errors["loss"] == pytest.approx(1e-3, rel=1e-3)
     assert fused.errors["grad pred"] == pytest.approx(1e-3, rel=1e-3)
     assert math.isnan(fused.peak_mb)

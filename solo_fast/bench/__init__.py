@@ -24,7 +24,7 @@ SIZES: dict[str, tuple[str, ...]] = {"quick": ("quick",), "canonical": ("canonic
                                      "all": ("canonical", "extra")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackendReport:
     """One backend on one case: its errors against the reference, its time and memory."""
 

@@ -50,7 +50,7 @@ LOSS_MODES = ("forward", "backward", "full")
 TIERS = ("quick", "canonical", "extra")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Problem:
     """One case's inputs on one device, ready to run on any backend.
 
@@ -101,7 +101,7 @@ class Problem:
         return results
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Case:
     """One op at one size.
 

@@ -164,7 +164,7 @@ def make_solo_level_inputs(num: int, grids: tuple[int, ...],
     generator = torch.Generator().manual_seed(seed)
     cells = torch.randperm(sum(s * s for s in grids), generator=generator)[:num]  # (K,)
     levels, start = [], 0
-    for grid, size in zip(grids, level_sizes):
+    for grid, size in zip(grids, level_sizes, strict=True):
         preds = torch.randn((1, grid * grid, *size), generator=generator) * 3  # (1, Q, h, w)
         local = cells[(cells >= start) & (cells < start + grid * grid)] - start  # (K_l,)
         levels.append((preds.to(device), torch.zeros_like(local).to(device), local.to(device)))
