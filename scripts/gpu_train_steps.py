@@ -20,8 +20,8 @@ import time
 import torch
 
 from benchmarks.bench_model import TRAIN_PRESETS, make_targets
-from solo_fast.bench.measure import peak_memory_mb, synchronize
 from solo_fast import build_model
+from solo_fast.bench.measure import peak_memory_mb, synchronize
 from solo_fast.ops import available_backends
 
 LOSS_RTOL = 1e-4  # the fused losses sum in another order than the reference's: float rounding
