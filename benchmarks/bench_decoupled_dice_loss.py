@@ -6,37 +6,26 @@ axis holds every backend that runs on this machine's devices. ``extra_info["peak
 resident-memory peak of one call above what the inputs already hold (CPU, after trimming the C
 heap; GPU peaks come from the CUDA allocator).
 
+The cases (sizes, inputs, the outputs compared) are ``CASES["decoupled_dice_loss"]`` of
+``solo_fast.bench.cases``, which ``solo-fast bench`` runs too (``--size canonical``).
+
 Sizes: Decoupled SOLO's level 0 at COCO's canonical 800 x 1088 input (SPEC §15.3: one image,
 S = 40, 200 x 272 maps, K = 200 positives drawn in 3 x 3 blocks of cells around 25 centres, so that
 they share rows and columns as real targets do), and a small level (S = 36, 100 x 136, K = 50).
 """
 
-# N=images, S=grid side, K=positives, H, W=mask-map size
-
 from __future__ import annotations
 
 import pytest
 
-from solo_fast.ops import decoupled_dice_loss
-from tests.ops.helpers import benchmark_cases, benchmark_op
-from tests.ops.test_decoupled_dice_loss import make_decoupled_inputs
+from solo_fast.bench.cases import cases
+from tests.ops.helpers import benchmark_case, benchmark_cases
 
-# name -> (N, S, (H, W), K, blocks of cells the positives are drawn in)
-SIZES = {"N1_S40_K200_200x272": (1, 40, (200, 272), 200, 25),
-         "N1_S36_K50_100x136": (1, 36, (100, 136), 50, 7)}
-MODES = ("forward", "backward", "full")
+OP = "decoupled_dice_loss"
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device,provider", benchmark_cases(), ids=lambda value: str(value))
-@pytest.mark.parametrize("size", SIZES)
-def test_decoupled_dice_loss(benchmark, size, device, provider, mode):
-    num_images, grids, pixels, num_positives, blocks = SIZES[size]
-    benchmark.group = f"decoupled_dice_loss {size} {mode} ({device})"
-    benchmark.extra_info.update(provider=provider, device=device, mode=mode)
-    x, y, *rest = make_decoupled_inputs(num_images, grids, pixels, num_positives, device=device,
-                                        num_blocks=blocks)
-    x.requires_grad_(mode != "forward")
-    y.requires_grad_(mode != "forward")
-    benchmark_op(benchmark, device=device, mode=mode, leaves=[x, y],
-                 loss=lambda: decoupled_dice_loss(x, y, *rest, backend=provider).sum())
+@pytest.mark.parametrize("case,mode", [(case, mode) for case in cases(OP) for mode in case.modes],
+                         ids=lambda value: getattr(value, "name", value))
+def test_decoupled_dice_loss(benchmark, case, mode, device, provider):
+    benchmark_case(benchmark, case, mode=mode, device=device, provider=provider)

@@ -6,33 +6,27 @@ runs on this machine's devices. ``extra_info["peak_mb"]`` is the memory peak of 
 the inputs already hold (resident set on CPU after trimming the C heap; CUDA allocator on GPU).
 Scoring is inference only: the mode is ``forward`` (no autograd).
 
+The cases (sizes, inputs, the outputs compared) are ``CASES["decoupled_mask_scores"]`` of
+``solo_fast.bench.cases``, which ``solo-fast bench`` runs too (``--size canonical``).
+
 Sizes: SPEC §9 / §15.3 at COCO's canonical 800 x 1088 input: one image, 128 channels per branch
 (the five levels' grids, 40 + 36 + 24 + 16 + 12), 200 x 272 maps, 1,000 candidates drawn in 3 x 3
 blocks of cells around 166 centres (so that they share rows and columns as real candidates do),
 and 200.
 """
 
-# N=images, C=channels per branch, K=candidates, H, W=mask-map size
-
 from __future__ import annotations
 
 import pytest
 
-from solo_fast.ops import decoupled_mask_scores
-from tests.ops.helpers import benchmark_cases, benchmark_op
-from tests.ops.test_decoupled_mask_scores import make_decoupled_score_inputs
+from solo_fast.bench.cases import cases
+from tests.ops.helpers import benchmark_case, benchmark_cases
 
-# name -> (N, C, (H, W), K)
-SIZES = {"N1_C128_K1000_200x272": (1, 128, (200, 272), 1000),
-         "N1_C128_K200_200x272": (1, 128, (200, 272), 200)}
+OP = "decoupled_mask_scores"
 
 
 @pytest.mark.parametrize("device,provider", benchmark_cases(), ids=lambda value: str(value))
-@pytest.mark.parametrize("size", SIZES)
-def test_decoupled_mask_scores(benchmark, size, device, provider):
-    num_images, channels, pixels, num = SIZES[size]
-    benchmark.group = f"decoupled_mask_scores {size} forward ({device})"
-    benchmark.extra_info.update(provider=provider, device=device, mode="forward")
-    inputs = make_decoupled_score_inputs(num_images, channels, pixels, num, device=device)
-    benchmark_op(benchmark, device=device, mode="forward", leaves=[],
-                 loss=lambda: decoupled_mask_scores(*inputs, threshold=0.5, backend=provider))
+@pytest.mark.parametrize("case,mode", [(case, mode) for case in cases(OP) for mode in case.modes],
+                         ids=lambda value: getattr(value, "name", value))
+def test_decoupled_mask_scores(benchmark, case, mode, device, provider):
+    benchmark_case(benchmark, case, mode=mode, device=device, provider=provider)

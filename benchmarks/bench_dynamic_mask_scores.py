@@ -6,6 +6,9 @@ runs on this machine's devices. ``extra_info["peak_mb"]`` is the memory peak of 
 the inputs already hold (resident set on CPU after trimming the C heap; CUDA allocator on GPU).
 Scoring is inference only: the mode is ``forward`` (no autograd).
 
+The cases (sizes, inputs, the outputs compared) are ``CASES["dynamic_mask_scores"]`` of
+``solo_fast.bench.cases``, which ``solo-fast bench`` runs too (``--size canonical``).
+
 Sizes: SPEC §9 / §15.4 at COCO's canonical 800 x 1088 input: one image, E = 256 mask-feature
 channels, a 200 x 272 mask map, 1,000 candidates (score > 0.1 before nms_pre) and 200. The
 ``pack_masks`` axis times the op with and without writing the bit-packed binary masks (K x P / 8
@@ -14,44 +17,31 @@ bytes, 6.8 MB at K = 1,000) that SOLOv2's fused post-processing hands to matrix 
 parallel with single-threaded GEMMs, or tiles in sequence with multi-threaded GEMMs.
 """
 
-# N=images, E=mask-feature channels, K=candidates, H, W=mask-map size
-
 from __future__ import annotations
 
 import pytest
 
-from solo_fast.ops import dynamic_mask_scores
-from tests.ops.helpers import benchmark_cases, benchmark_op
-from tests.ops.test_dynamic_mask_scores import make_dynamic_inputs
+from solo_fast.bench.cases import cases
+from tests.ops.helpers import benchmark_case, benchmark_cases, benchmark_op
 
-# name -> (N, E, (H, W), K)
-SIZES = {"N1_E256_K1000_200x272": (1, 256, (200, 272), 1000),
-         "N1_E256_K200_200x272": (1, 256, (200, 272), 200)}
+OP = "dynamic_mask_scores"
 
 
 @pytest.mark.parametrize("device,provider", benchmark_cases(), ids=lambda value: str(value))
-@pytest.mark.parametrize("pack_masks", [False, True], ids=["scores", "scores+packed"])
-@pytest.mark.parametrize("size", SIZES)
-def test_dynamic_mask_scores(benchmark, size, pack_masks, device, provider):
-    num_images, channels, pixels, num = SIZES[size]
-    benchmark.group = f"dynamic_mask_scores {size} forward ({device})"
-    benchmark.extra_info.update(provider=provider, device=device, mode="forward",
-                                pack_masks=pack_masks)
-    inputs = make_dynamic_inputs(num_images, channels, pixels, num, device=device, exact=False)
-    benchmark_op(benchmark, device=device, mode="forward", leaves=[],
-                 loss=lambda: dynamic_mask_scores(*inputs, threshold=0.5, backend=provider,
-                                                  pack_masks=pack_masks))
+@pytest.mark.parametrize("case,mode", [(case, mode) for case in cases(OP) for mode in case.modes],
+                         ids=lambda value: getattr(value, "name", value))
+def test_dynamic_mask_scores(benchmark, case, mode, device, provider):
+    benchmark_case(benchmark, case, mode=mode, device=device, provider=provider)
 
 
 @pytest.mark.parametrize("schedule", ["tiles", "gemm"])
 def test_cpu_schedules(benchmark, schedule, monkeypatch):
     if ("cpu", "cpu") not in benchmark_cases():
         pytest.skip("solo_fast._C is not built")
-    size = "N1_E256_K1000_200x272"
-    num_images, channels, pixels, num = SIZES[size]
+    (case,) = [c for c in cases(OP, ("canonical",)) if c.variant == "scores"]
     monkeypatch.setenv("SOLO_FAST_SCORES_SCHEDULE", schedule)
-    benchmark.group = f"dynamic_mask_scores {size} cpu schedules"
+    benchmark.group = f"{OP} {case.size} cpu schedules"
     benchmark.extra_info.update(provider="cpu", device="cpu", mode="forward", schedule=schedule)
-    inputs = make_dynamic_inputs(num_images, channels, pixels, num, exact=False)
+    problem = case.make("cpu")
     benchmark_op(benchmark, device="cpu", mode="forward", leaves=[],
-                 loss=lambda: dynamic_mask_scores(*inputs, threshold=0.5, backend="cpu"))
+                 loss=lambda: problem.loss("cpu"))

@@ -29,8 +29,8 @@ def _info(_: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from solo_fast import bench
 
-    bench.main(repeats=args.repeats)
-    return 0
+    return bench.main(size=args.size, ops=args.op, devices=args.device, repeats=args.repeats,
+                      max_error=args.max_error)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -217,8 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser(
-        "bench", help="every backend of every fused op against its reference: errors and speed")
+        "bench", help="every backend of every fused op against its reference: errors and speed",
+        description="Runs the benchmark cases of every fused op (those of benchmarks/, which "
+                    "times them with pytest-benchmark) on every backend and device present: "
+                    "each output's error against the PyTorch reference, the median time, the "
+                    "speed-up and the peak memory of one call.")
+    bench.add_argument("--size", choices=["quick", "canonical", "all"], default="quick",
+                       help="quick: small odd sizes, seconds (default); canonical: COCO's "
+                            "800 x 1088 sizes, the figures of record; all: every size benchmarked")
+    bench.add_argument("--op", action="append", default=None, metavar="OP",
+                       help="only this op, e.g. --op matrix_nms (repeatable; default all seven)")
+    bench.add_argument("--device", action="append", choices=["cpu", "cuda"], default=None,
+                       help="only this device (repeatable; default every device present)")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per backend (5)")
+    bench.add_argument("--max-error", type=float, default=None, metavar="TOL",
+                       help="exit 1 when an output's error against the reference exceeds TOL")
     bench.set_defaults(run=_bench)
 
     convert = commands.add_parser(

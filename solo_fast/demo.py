@@ -27,7 +27,7 @@ __all__ = ["DEMO_OVERRIDES", "DEMO_SHAPES", "DemoSettings", "run_demo"]
 
 # Shapes images are 192-320 px a side; the demo trains at 256 x 192, which made a step
 # 0.73x as long as at 320 x 256 and, in the same 15 minutes, gave mask AP 0.342 against 0.282
-# (more steps beat resolution here; benchmarks/RESULTS.md, "The CPU demo"). The neck and head are
+# (more steps beat resolution here; benchmarks/NOTES.md, "The CPU demo"). The neck and head are
 # a quarter of the preset's width (64 channels): at 128 the category and kernel towers, which run
 # on all 3,872 grid cells of an image, cost more than the backbone; at 64 a step takes ~0.7x as
 # long and the model learned faster per step as well (mask AP 0.208 against 0.173 after 600
@@ -47,7 +47,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "mask_out_channels": 64,
     # From scratch on a small set AdamW learns far faster than the presets' SGD: mask AP 0.19
     # after 900 steps where SGD (lr 0.02) was at 0.001 after 600; lr 5e-4 beat 1e-3, 2e-3 and
-    # 3e-3 (benchmarks/RESULTS.md, "The CPU demo").
+    # 3e-3 (benchmarks/NOTES.md, "The CPU demo").
     "optimizer": "adamw",
     "lr": 5e-4,
     "weight_decay": 0.05,

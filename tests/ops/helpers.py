@@ -1,107 +1,31 @@
-"""Shared by the op tests and the benchmarks: input makers, the references, memory measurement."""
+"""Shared by the op tests and the benchmarks: input makers, the references, memory measurement.
+
+The input makers and the memory measurement live in ``solo_fast.bench`` (``solo-fast bench``
+runs the benchmarks' cases from an installed package); they are re-exported here.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import re
-
 import torch
 
+from solo_fast.bench.cases import Case
+from solo_fast.bench.inputs import make_dice_inputs
+from solo_fast.bench.measure import (
+    peak_memory_increase,
+    peak_memory_mb,
+    providers,
+    resident_memory,
+)
 from solo_fast.ops.reference import dice_loss_reference
 
-__all__ = ["benchmark_cases", "benchmark_op", "dice_loss_reference", "make_dice_inputs",
-           "peak_memory_increase", "peak_memory_mb", "resident_memory"]
-
-
-def make_dice_inputs(num_masks: int, pixels: tuple[int, ...], *, dtype=torch.float32,
-                     target_dtype=torch.bool, logits: bool = True, seed: int = 0,
-                     device: str = "cpu"):
-    """Random (pred, target) for the dice loss: pred (N, *pixels), target of pred's shape.
-
-    Logits are spread over [-6, 6] so both sigmoid tails are exercised; probabilities lie in
-    [0, 1]. Target row 0 is all zero when N > 1 (the loss is then 1 whatever pred is).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    shape = (num_masks, *pixels)
-    if logits:
-        pred = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
-    else:
-        pred = torch.rand(shape, generator=generator, dtype=torch.float64)
-    target = torch.rand(shape, generator=generator) > 0.6
-    if num_masks > 1:
-        target[0] = False
-    pred = pred.to(dtype=dtype, device=device)
-    target = target.to(dtype=target_dtype, device=device)
-    return pred, target
-
-
-def _memory_status() -> tuple[int, int]:
-    with open("/proc/self/status") as status:
-        text = status.read()
-    peak = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) * 1024
-    current = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) * 1024
-    return peak, current
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
-def resident_memory() -> int:
-    """Bytes the process holds in RAM now, after handing free C-heap pages back (Linux)."""
-    _trim_heap()
-    return _memory_status()[1]
-
-
-def peak_memory_increase(fn) -> int:
-    """Bytes by which the process's resident-set peak rises above its current size during fn().
-
-    torch's CPU allocator keeps no statistics and tracemalloc does not see it, so this resets the
-    kernel's high-water mark (/proc/self/clear_refs, Linux) and reads it back. It counts every
-    allocation fn makes and keeps or frees, torch's and the kernels' own.
-
-    glibc serves allocations below its mmap threshold (which grows to 32 MiB after large frees)
-    from heap pages the process already holds, which would hide them from the resident-set peak:
-    ``malloc_trim(0)`` hands those pages back first, and again afterwards, so that what fn frees
-    cannot hide a later measurement's allocations either.
-    """
-    _trim_heap()
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        _, before = _memory_status()
-        fn()
-        peak, _ = _memory_status()
-    finally:
-        _trim_heap()
-    return max(0, peak - before)
+__all__ = ["benchmark_case", "benchmark_cases", "benchmark_op", "dice_loss_reference",
+           "make_dice_inputs", "peak_memory_increase", "peak_memory_mb", "resident_memory"]
 
 
 def benchmark_cases() -> list[tuple[str, str]]:
     """(device, backend) pairs a benchmark times here: every backend of every device present,
     except Triton on CPU (its interpreter is a correctness tool, not a speed)."""
-    from solo_fast.ops import available_backends
-
-    cases = [("cpu", backend) for backend in available_backends("cpu") if backend != "triton"]
-    if torch.cuda.is_available():
-        cases += [("cuda", backend) for backend in available_backends("cuda")]
-    return cases
-
-
-def peak_memory_mb(fn, device: str) -> float:
-    """Peak memory of fn() in MiB: the CUDA allocator's statistics on GPU, the resident-set
-    peak (:func:`peak_memory_increase`) on CPU."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    return peak_memory_increase(fn) / 2**20
+    return providers()
 
 
 def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves, rounds: int = 10) -> None:
@@ -149,3 +73,15 @@ def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves, rounds: int
         benchmark.pedantic(full, rounds=rounds, warmup_rounds=1)
     else:
         raise ValueError(f"mode must be forward, backward or full, got {mode!r}")
+
+
+def benchmark_case(benchmark, case: Case, *, mode: str, device: str, provider: str) -> None:
+    """Times one case of ``solo_fast.bench.cases`` on one backend in one mode with
+    pytest-benchmark (:func:`benchmark_op`); one group per (op, size, mode, device)."""
+    benchmark.group = f"{case.op} {case.size} {mode} ({device})"
+    benchmark.extra_info.update(provider=provider, device=device, mode=mode)
+    if case.variant:
+        benchmark.extra_info["variant"] = case.variant
+    problem = case.make(device)
+    benchmark_op(benchmark, device=device, mode=mode, leaves=list(problem.leaves.values()),
+                 loss=lambda: problem.loss(provider), rounds=case.rounds)

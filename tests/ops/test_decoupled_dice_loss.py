@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from solo_fast.bench.inputs import make_decoupled_inputs
 from solo_fast.ops import available_backends, decoupled_dice_loss
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
@@ -19,40 +20,6 @@ CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
 # (N, S, (H, W), K): odd sizes; K = 0, 1 and many positives sharing rows, columns and cells.
 SHAPES = [(n, s, hw, k) for n, s, hw, k in itertools.product(
     (1, 2), (3, 5, 12), ((7, 9), (37, 53)), (0, 1, 23))]
-
-
-def make_decoupled_inputs(num_images: int, grids: int, size: tuple[int, int], num_positives: int,
-                          *, dtype=torch.float32, target_dtype=torch.bool, seed: int = 0,
-                          device: str = "cpu", num_blocks: int | None = None):
-    """Random (x_logits, y_logits, pos_image, pos_row, pos_col, target) as a level's targets.
-
-    Logits (N, S, H, W) spread over about [-9, 9], so both sigmoid tails are exercised. Positives
-    are drawn, in random order, in 3 x 3 blocks of cells around ``num_blocks`` random centres (as
-    SOLO assigns a GT's centre region), so that they share rows and columns; positive 1 repeats
-    positive 0's cell (a duplicate) when K > 1. Target 0 is all zero when K > 1.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    shape = (num_images, grids, *size)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
-    y = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
-    num_blocks = max(1, num_positives // 6) if num_blocks is None else num_blocks
-    centre_image = torch.randint(num_images, (num_blocks,), generator=generator)
-    centre_row = torch.randint(grids, (num_blocks,), generator=generator)
-    centre_col = torch.randint(grids, (num_blocks,), generator=generator)
-    block = torch.randint(num_blocks, (num_positives,), generator=generator)
-    offset_row = torch.randint(-1, 2, (num_positives,), generator=generator)
-    offset_col = torch.randint(-1, 2, (num_positives,), generator=generator)
-    pos_image = centre_image[block]
-    pos_row = (centre_row[block] + offset_row).clamp(0, grids - 1)
-    pos_col = (centre_col[block] + offset_col).clamp(0, grids - 1)
-    if num_positives > 1:
-        pos_image[1], pos_row[1], pos_col[1] = pos_image[0], pos_row[0], pos_col[0]
-    target = torch.rand((num_positives, *size), generator=generator) > 0.6
-    if num_positives > 1:
-        target[0] = False
-    x, y = x.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device)
-    return (x, y, pos_image.to(device), pos_row.to(device), pos_col.to(device),
-            target.to(dtype=target_dtype, device=device))
 
 
 def _require(backend: str, device: str = "cpu") -> None:

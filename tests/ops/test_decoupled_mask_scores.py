@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from solo_fast.bench.inputs import make_decoupled_score_inputs
 from solo_fast.ops import available_backends, decoupled_mask_scores
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
@@ -19,36 +20,6 @@ CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
 # (N, C, (H, W), K): odd sizes; K = 0, 1 and many candidates sharing rows, columns and cells.
 SHAPES = [(n, c, hw, k) for n, c, hw, k in itertools.product(
     (1, 3), (3, 12), ((7, 9), (37, 53)), (0, 1, 40))]
-
-
-def make_decoupled_score_inputs(num_images: int, channels: int, size: tuple[int, int],
-                                num: int, *, dtype=torch.float32, seed: int = 0,
-                                device: str = "cpu", num_blocks: int | None = None):
-    """Random (x_probs, y_probs, image, row, col) of Decoupled SOLO candidates.
-
-    Probabilities are sigmoids of logits spread over about [-6, 6], so the products cover
-    (0, 1) with many near 0.5. Candidates are drawn, in random order, in 3 x 3 blocks of cells
-    around ``num_blocks`` random centres, so that they share rows and columns as real candidates
-    do; candidate 1 repeats candidate 0's cell when K > 1. With N > 1 the middle image gets none.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    shape = (num_images, channels, *size)
-    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3).sigmoid()
-    y = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3).sigmoid()
-    num_blocks = max(1, num // 6) if num_blocks is None else num_blocks
-    used = torch.tensor([n for n in range(num_images) if num_images == 1 or n != num_images // 2])
-    centre_image = used[torch.randint(len(used), (num_blocks,), generator=generator)]
-    centre_row = torch.randint(channels, (num_blocks,), generator=generator)
-    centre_col = torch.randint(channels, (num_blocks,), generator=generator)
-    block = torch.randint(num_blocks, (num,), generator=generator)
-    image = centre_image[block]
-    row = (centre_row[block] + torch.randint(-1, 2, (num,), generator=generator))
-    col = (centre_col[block] + torch.randint(-1, 2, (num,), generator=generator))
-    row, col = row.clamp(0, channels - 1), col.clamp(0, channels - 1)
-    if num > 1:
-        image[1], row[1], col[1] = image[0], row[0], col[0]
-    return (x.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device), image.to(device),
-            row.to(device), col.to(device))
 
 
 def _require(backend: str, device: str = "cpu") -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from solo_fast.bench.inputs import make_dynamic_dice_inputs as make_dynamic_inputs
 from solo_fast.ops import available_backends, dynamic_mask_dice_loss
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
@@ -18,30 +19,6 @@ CPU_BACKENDS = ["cpu", TRITON]  # the reference is what they are compared with
 # (N, E, (H, W), K): odd sizes; K = 0, 1 and many positives, unordered, with duplicates.
 SHAPES = [(1, 7, (13, 17), 0), (1, 7, (13, 17), 1), (3, 7, (13, 17), 11), (2, 16, (23, 29), 40),
           (4, 5, (9, 11), 6)]
-
-
-def make_dynamic_inputs(num_images: int, channels: int, size: tuple[int, int],
-                        num_positives: int, *, dtype=torch.float32, target_dtype=torch.bool,
-                        seed: int = 0, device: str = "cpu", empty_image: bool = True):
-    """Random (kernels, mask_feats, pos_image, target) as a batch's SOLOv2 positives.
-
-    Logits z = kernels . mask_feats have a standard deviation of about 3, so both sigmoid tails
-    are exercised. Positives come in random image order; positive 1 repeats positive 0 (a
-    duplicate kernel and target) when K > 1, target 0 is all zero when K > 1, and the last image
-    has no positive when N > 1 and ``empty_image``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    feats = torch.randn((num_images, channels, *size), generator=generator, dtype=torch.float64)
-    kernels = torch.randn((num_positives, channels), generator=generator, dtype=torch.float64)
-    kernels *= 3 / max(channels, 1) ** 0.5
-    images = num_images - 1 if num_images > 1 and empty_image else num_images
-    pos_image = torch.randint(images, (num_positives,), generator=generator)
-    target = torch.rand((num_positives, *size), generator=generator) > 0.6
-    if num_positives > 1:
-        kernels[1], pos_image[1], target[1] = kernels[0], pos_image[0], target[0]
-        target[0] = False
-    return (kernels.to(dtype=dtype, device=device), feats.to(dtype=dtype, device=device),
-            pos_image.to(device), target.to(dtype=target_dtype, device=device))
 
 
 def _require(backend: str, device: str = "cpu") -> None:

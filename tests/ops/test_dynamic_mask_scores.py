@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from solo_fast.bench.inputs import make_dynamic_score_inputs as make_dynamic_inputs
 from solo_fast.ops import available_backends, dynamic_mask_scores
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
@@ -26,34 +27,6 @@ CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
 # (N, E, (H, W), K): odd sizes; K = 0, 1 and many candidates.
 SHAPES = [(n, e, hw, k) for n, e, hw, k in itertools.product(
     (1, 3), (5, 16), ((7, 9), (37, 53)), (0, 1, 40))]
-
-
-def make_dynamic_inputs(num_images: int, channels: int, size: tuple[int, int], num: int, *,
-                        dtype=torch.float32, seed: int = 0, device: str = "cpu",
-                        exact: bool = True):
-    """Random (kernels, mask_feats, image) of SOLOv2 candidates.
-
-    ``exact``: kernels and features are multiples of 1/8 in [-1, 1], so every logit is a multiple
-    of 1/64 that float32 (and float16 / bfloat16 for |z| < 32) hold exactly whatever order a GEMM
-    sums in. The logits then spread around 0 (many are exactly 0, where s = 0.5 must not pass a
-    0.5 threshold), and no soft value lies within an ulp of the thresholds the tests use, so the
-    thresholded sets of every backend must equal the reference's exactly. Otherwise normal values
-    (logits of standard deviation ~sqrt(E)/2).
-
-    Candidates come in random image order; with N > 1 the middle image gets none.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    if exact:
-        kernels = torch.randint(-8, 9, (num, channels), generator=generator) / 8
-        feats = torch.randint(-8, 9, (num_images, channels, *size), generator=generator) / 8
-    else:
-        kernels = torch.randn((num, channels), generator=generator, dtype=torch.float64) / 2
-        feats = torch.randn((num_images, channels, *size), generator=generator,
-                            dtype=torch.float64)
-    used = [n for n in range(num_images) if num_images == 1 or n != num_images // 2]
-    image = torch.tensor(used)[torch.randint(len(used), (num,), generator=generator)]
-    return (kernels.to(dtype=dtype, device=device), feats.to(dtype=dtype, device=device),
-            image.to(device))
 
 
 def _require(backend: str, device: str = "cpu") -> None:
