@@ -111,11 +111,13 @@ def _load_checkpoint(path: str, device: str | None):
     import torch
 
     from solo_fast.builder import build_model
+    from solo_fast.engine.checkpoint import load_checkpoint
 
     checkpoint_path = Path(path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a solo_fast "
+                         f"checkpoint (a dict)")
     run_file = checkpoint_path.parent / "run.json"
     if "model" in checkpoint and run_file.is_file():  # written by the trainer
         run = json.loads(run_file.read_text())

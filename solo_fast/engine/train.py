@@ -29,6 +29,7 @@ from torch.utils.data import Sampler
 
 from solo_fast.config import TrainConfig
 from solo_fast.engine.checkpoint import (
+    load_checkpoint,
     restore_rng_state,
     rng_state,
     save_atomically,
@@ -236,7 +237,7 @@ class Trainer:
     def _maybe_resume(self) -> None:
         latest = self.work_dir / "latest.pt"
         if self.settings.resume and latest.is_file():
-            state = torch.load(latest, map_location="cpu", weights_only=False)
+            state = load_checkpoint(latest)
             self.load_state_dict(state)
             self._print(f"resumed from {latest}: epoch {self.epoch + 1}, step "
                         f"{self.step_in_epoch}, iteration {self.iteration}")
