@@ -1,11 +1,13 @@
 """solo_fast.losses against mmdetection 3.3's FocalLoss outputs (tests/fixtures/mmdet)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from solo_fast.losses import SOLOv2Criterion, sigmoid_focal_loss
+from solo_fast.config import HeadConfig
+from solo_fast.losses import SOLOv2Criterion, build_criterion, sigmoid_focal_loss
 from solo_fast.models.solov2 import mmdet_head_key_map
 from solo_fast.targets import TargetConfig
 from tests.models.helpers import assert_total_gradients
@@ -112,3 +114,23 @@ def test_solov2_fused_and_reference_paths_agree():
     torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cls_loss_weight_scales_loss_cls_and_leaves_loss_mask():
+    """HeadConfig.cls_loss_weight is mmdetection's FocalLoss loss_weight: loss_cls times it."""
+    cfg = SOLOV2["head_cfg"]
+    head_cfg = HeadConfig(family="solov2", num_classes=cfg["num_classes"],
+                          num_grids=cfg["num_grids"], scale_ranges=cfg["scale_ranges"],
+                          strides=cfg["strides"], pos_scale=cfg["pos_scale"])
+    assert head_cfg.cls_loss_weight == cfg["loss_cls"]["loss_weight"] == 1.0
+    head = _fixture_head(SOLOV2).train()
+    outputs = head(SOLOV2["inputs"]["feats"])
+    losses = {weight: build_criterion(dataclasses.replace(head_cfg, cls_loss_weight=weight))(
+        outputs, _solov2_gt()) for weight in (1.0, 2.0, 0.3, 0.0)}
+    torch.testing.assert_close(losses[1.0]["loss_cls"].detach(),
+                               SOLOV2["train"]["loss"]["loss_cls"], rtol=1e-5, atol=0)
+    base_cls, base_mask = losses[1.0]["loss_cls"], losses[1.0]["loss_mask"]
+    assert base_cls.item() > 0
+    for weight in (2.0, 0.3, 0.0):
+        assert torch.equal(losses[weight]["loss_cls"], weight * base_cls), weight
+        assert torch.equal(losses[weight]["loss_mask"], base_mask), weight
