@@ -164,6 +164,7 @@ def model_config(run: dict):
 def _predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from solo_fast.data import load_image
     from solo_fast.engine.checkpoint import write_json_atomically
     from solo_fast.engine.predict import predict_images, predictions_to_coco_json
     from solo_fast.engine.visualize import save_overlay
@@ -177,8 +178,6 @@ def _predict(args: argparse.Namespace) -> int:
             label_to_category_id=run.get("label_to_category_id")):
         results.append((path, prediction))
         if args.overlays:
-            from solo_fast.engine.predict import load_image
-
             save_overlay(Path(args.overlays) / f"{Path(path).stem}.png", load_image(path),
                          prediction, names, score_thr=args.score_thr)
     records = predictions_to_coco_json(results, label_to_category_id=run.get(

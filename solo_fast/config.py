@@ -161,10 +161,11 @@ class TrainConfig(_Checked):
     """Optimiser, schedule and data scales; the defaults are mmdetection's 1x schedule."""
 
     optimizer: Literal["sgd", "adamw"] = "sgd"  # every mmdetection SOLO config uses SGD
+    # for 16 images per iteration (mmdetection: 8 GPUs x 2); the batch itself is a run setting
+    # (`solo-fast train --batch-size`, images per process), not part of the model config
     lr: float = 0.01
     momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
-    batch_size: int = 16  # images per iteration over all devices (mmdetection: 8 GPUs x 2)
     epochs: int = 12
     warmup_iters: int = 500  # linear warmup from warmup_ratio * lr, by iteration
     warmup_ratio: float = 0.001

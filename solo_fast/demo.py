@@ -108,10 +108,16 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         ``{"preset", "overrides", "train_seconds", "eval_seconds", "iterations", "final_loss",
         "metrics", "overlays", "work_dir"}``.
     """
-    from solo_fast.data import CocoInstances, build_eval_loader, build_eval_transform, make_shapes
+    from solo_fast.data import (
+        CocoInstances,
+        build_eval_loader,
+        build_eval_transform,
+        load_image,
+        make_shapes,
+    )
     from solo_fast.engine.checkpoint import write_json_atomically
     from solo_fast.engine.evaluate import CocoEvaluator, evaluate_model
-    from solo_fast.engine.predict import load_image, predict_images
+    from solo_fast.engine.predict import predict_images
     from solo_fast.engine.train import RunSettings, train_on_coco
     from solo_fast.engine.visualize import save_overlay
 

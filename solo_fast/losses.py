@@ -10,7 +10,8 @@ The criteria take a head's raw outputs and the GT instances of a batch and retur
   ``solo_fast.ops.decoupled_dice_loss`` on Decoupled SOLO's X/Y logits (the products are never
   stored), ``solo_fast.ops.dynamic_mask_dice_loss`` on SOLOv2's kernels and mask features (the
   logits are never stored); ``dice_backend="reference"`` selects the plain PyTorch path.
-* loss_cls: the focal loss over every cell of every level and image, divided by num_pos + 1.
+* loss_cls: the focal loss over every cell of every level and image, divided by num_pos + 1,
+  times ``cls_loss_weight`` (mmdetection's ``loss_cls=dict(type='FocalLoss', loss_weight=1.0)``).
 
 No dense (S*S, h, w) target stack is built: each positive gathers its own prediction and its GT
 mask (``LevelTargets.gt_masks[pos_instance]``).
@@ -107,16 +108,18 @@ class _Criterion(nn.Module):
         targets: Grid assignment settings (:func:`~solo_fast.losses.target_config` of the head
             config); ``targets.num_classes`` is the background label.
         mask_loss_weight: Weight of the dice loss (3 in every mmdetection config).
+        cls_loss_weight: Weight of the focal loss (1 in every mmdetection config).
         focal_gamma, focal_alpha: Focal loss parameters.
         dice_backend: ``backend`` of :func:`solo_fast.ops.dice_loss` (None: the default).
     """
 
     def __init__(self, *, targets: TargetConfig, mask_loss_weight: float = 3.0,
-                 focal_gamma: float = 2.0, focal_alpha: float = 0.25,
-                 dice_backend: str | None = None) -> None:
+                 cls_loss_weight: float = 1.0, focal_gamma: float = 2.0,
+                 focal_alpha: float = 0.25, dice_backend: str | None = None) -> None:
         super().__init__()
         self.targets = targets
         self.mask_loss_weight = mask_loss_weight
+        self.cls_loss_weight = cls_loss_weight
         self.focal_gamma = focal_gamma
         self.focal_alpha = focal_alpha
         self.dice_backend = dice_backend
@@ -165,8 +168,10 @@ class _Criterion(nn.Module):
             loss_mask = self.empty_mask_loss(outputs, terms)
         else:
             loss_mask = terms.sum() * processes / num_pos
-        loss_cls = category_loss(outputs.cls_preds, levels, avg_factor=(num_pos + 1) / processes,
-                                 gamma=self.focal_gamma, alpha=self.focal_alpha)
+        # mmdetection's FocalLoss.forward: loss_weight times the reduced (averaged) loss
+        loss_cls = self.cls_loss_weight * category_loss(
+            outputs.cls_preds, levels, avg_factor=(num_pos + 1) / processes,
+            gamma=self.focal_gamma, alpha=self.focal_alpha)
         return {"loss_mask": loss_mask, "loss_cls": loss_cls}
 
 
@@ -314,4 +319,5 @@ def build_criterion(head: HeadConfig, *, dice_backend: str | None = None) -> _Cr
     """The criterion of a head config's family, with its loss weights and focal parameters."""
     return _CRITERIA[head.family](
         targets=target_config(head), mask_loss_weight=head.mask_loss_weight,
-        focal_gamma=head.focal_gamma, focal_alpha=head.focal_alpha, dice_backend=dice_backend)
+        cls_loss_weight=head.cls_loss_weight, focal_gamma=head.focal_gamma,
+        focal_alpha=head.focal_alpha, dice_backend=dice_backend)

@@ -74,8 +74,7 @@ def test_preset_builds(name):
     assert cfg.test == TestConfig(nms_pre=500, score_thr=0.1, mask_thr=0.5, filter_thr=0.05,
                                   kernel="gaussian", sigma=2.0, max_per_img=100)
     train = cfg.train
-    assert (train.lr, train.momentum, train.weight_decay, train.batch_size) == (0.01, 0.9, 1e-4,
-                                                                               16)
+    assert (train.lr, train.momentum, train.weight_decay) == (0.01, 0.9, 1e-4)
     assert train.warmup_iters == 500
     assert (cfg.backbone.frozen_stages, cfg.backbone.norm_eval) == (1, True)
     assert (head.dcn or cfg.backbone.dcn) == (name in DCN_CONFIGS)
@@ -132,6 +131,10 @@ def test_unknown_names():
     with pytest.raises(ValueError, match="ambiguous.*backbone.dcn.*head.dcn"):
         get_preset("solov2_r50_fpn_1x_coco", dcn=True)
     assert get_preset("solov2_r50_fpn_1x_coco", **{"head.dcn": True}).head.dcn
+    # the batch is a run setting (solo-fast train --batch-size): --set batch_size=8 must fail
+    # rather than be accepted and ignored
+    with pytest.raises(ValueError, match="unknown config field 'batch_size'"):
+        get_preset("solov2_r50_fpn_1x_coco", batch_size=8)
 
 
 @pytest.mark.parametrize("overrides,error,match", [

@@ -1,17 +1,22 @@
 """solo_fast.losses against mmdetection 3.3's FocalLoss outputs (tests/fixtures/mmdet)."""
 
-from pathlib import Path
+import dataclasses
 
 import pytest
 import torch
 
-from solo_fast.losses import SOLOv2Criterion, sigmoid_focal_loss
+from solo_fast.config import HeadConfig
+from solo_fast.losses import SOLOv2Criterion, build_criterion, sigmoid_focal_loss
 from solo_fast.models.solov2 import mmdet_head_key_map
-from solo_fast.targets import TargetConfig
-from tests.models.helpers import assert_total_gradients
+from tests.models.helpers import (
+    FIXTURES,
+    assert_total_gradients,
+    gt_instances,
+    one_instance_gt,
+    target_config,
+)
 from tests.models.test_solov2 import _fixture_head
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mmdet"
 FOCAL_CASES = torch.load(FIXTURES / "focal_loss.pt", weights_only=False)["cases"]
 
 
@@ -37,18 +42,7 @@ SOLOV2 = torch.load(FIXTURES / "head_solov2.pt", weights_only=False)
 
 
 def _solov2_criterion(backend):
-    cfg = SOLOV2["head_cfg"]
-    targets = TargetConfig(num_grids=tuple(cfg["num_grids"]),
-                           scale_ranges=tuple(cfg["scale_ranges"]), strides=tuple(cfg["strides"]),
-                           pos_scale=cfg["pos_scale"], num_classes=cfg["num_classes"])
-    return SOLOv2Criterion(targets=targets, dice_backend=backend)
-
-
-def _solov2_gt(empty=False):
-    return [{"masks": g["masks"][:0] if empty else g["masks"],
-             "labels": g["labels"][:0] if empty else g["labels"],
-             "boxes": g["bboxes"][:0] if empty else g["bboxes"]}
-            for g in SOLOV2["inputs"]["batch_gt_instances"]]
+    return SOLOv2Criterion(targets=target_config(SOLOV2), dice_backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -58,7 +52,7 @@ def test_solov2_criterion_matches_mmdetection(backend):
     outputs = head(feats)
     for tensor in outputs.kernel_preds + [outputs.mask_feats]:
         tensor.retain_grad()
-    losses = _solov2_criterion(backend)(outputs, _solov2_gt())
+    losses = _solov2_criterion(backend)(outputs, gt_instances(SOLOV2))
     expected = SOLOV2["train"]
     for name in ("loss_mask", "loss_cls"):
         torch.testing.assert_close(losses[name].detach(), expected["loss"][name], rtol=1e-5, atol=0)
@@ -79,7 +73,7 @@ def test_solov2_criterion_matches_mmdetection(backend):
 def test_solov2_criterion_empty_ground_truth():
     head = _fixture_head(SOLOV2).train()
     outputs = head(SOLOV2["inputs"]["feats"])
-    losses = _solov2_criterion(None)(outputs, _solov2_gt(empty=True))
+    losses = _solov2_criterion(None)(outputs, gt_instances(SOLOV2, empty=True))
     assert losses["loss_mask"].item() == 0 and losses["loss_mask"].requires_grad
     torch.testing.assert_close(losses["loss_cls"].detach(),
                                SOLOV2["train"]["loss_empty_gt"]["loss_cls"], rtol=1e-5, atol=0)
@@ -90,9 +84,7 @@ def test_solov2_criterion_empty_ground_truth():
 def test_solov2_criterion_one_instance_gives_both_losses():
     head = _fixture_head(SOLOV2).train()
     outputs = head(SOLOV2["inputs"]["feats"])
-    gt = _solov2_gt()
-    one = [{key: value[:1] for key, value in gt[0].items()}, _solov2_gt(empty=True)[1]]
-    losses = _solov2_criterion(None)(outputs, one)
+    losses = _solov2_criterion(None)(outputs, one_instance_gt(SOLOV2))
     assert losses["loss_mask"].item() > 0 and losses["loss_cls"].item() > 0
 
 
@@ -104,7 +96,7 @@ def test_solov2_fused_and_reference_paths_agree():
         feats = [f.clone().requires_grad_(True) for f in SOLOV2["inputs"]["feats"]]
         outputs = head(feats)
         leaves = outputs.kernel_preds + [outputs.mask_feats]
-        losses = _solov2_criterion(backend)(outputs, _solov2_gt())
+        losses = _solov2_criterion(backend)(outputs, gt_instances(SOLOV2))
         grads = torch.autograd.grad(losses["loss_mask"], leaves)
         results.append((losses["loss_mask"].detach(), losses["loss_cls"].detach(), grads))
     (mask, cls, grads), (ref_mask, ref_cls, ref_grads) = results
@@ -112,3 +104,23 @@ def test_solov2_fused_and_reference_paths_agree():
     torch.testing.assert_close(cls, ref_cls, rtol=0, atol=0)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cls_loss_weight_scales_loss_cls_and_leaves_loss_mask():
+    """HeadConfig.cls_loss_weight is mmdetection's FocalLoss loss_weight: loss_cls times it."""
+    cfg = SOLOV2["head_cfg"]
+    head_cfg = HeadConfig(family="solov2", num_classes=cfg["num_classes"],
+                          num_grids=cfg["num_grids"], scale_ranges=cfg["scale_ranges"],
+                          strides=cfg["strides"], pos_scale=cfg["pos_scale"])
+    assert head_cfg.cls_loss_weight == cfg["loss_cls"]["loss_weight"] == 1.0
+    head = _fixture_head(SOLOV2).train()
+    outputs = head(SOLOV2["inputs"]["feats"])
+    losses = {weight: build_criterion(dataclasses.replace(head_cfg, cls_loss_weight=weight))(
+        outputs, gt_instances(SOLOV2)) for weight in (1.0, 2.0, 0.3, 0.0)}
+    torch.testing.assert_close(losses[1.0]["loss_cls"].detach(),
+                               SOLOV2["train"]["loss"]["loss_cls"], rtol=1e-5, atol=0)
+    base_cls, base_mask = losses[1.0]["loss_cls"], losses[1.0]["loss_mask"]
+    assert base_cls.item() > 0
+    for weight in (2.0, 0.3, 0.0):
+        assert torch.equal(losses[weight]["loss_cls"], weight * base_cls), weight
+        assert torch.equal(losses[weight]["loss_mask"], base_mask), weight

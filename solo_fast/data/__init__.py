@@ -1,4 +1,5 @@
-"""Data: COCO-format instance data sets, transforms, batching and the synthetic shapes set.
+"""Data: image files, COCO-format instance data sets, transforms, loaders and the synthetic shapes
+set.
 
     paths = make_shapes("/tmp/shapes")
     train = CocoInstances(annotation_file=paths.train_annotations, image_dir=paths.train_images,
@@ -18,12 +19,13 @@ from solo_fast.data.coco import (
     CocoInstances,
     ImageRecord,
     InstanceRecord,
-    Sample,
 )
-from solo_fast.data.collate import (
+from solo_fast.data.images import load_image
+from solo_fast.data.loaders import (
     Batch,
     EpochDataLoader,
     GroupedBatchSampler,
+    Sample,
     aspect_ratio_groups,
     build_eval_loader,
     build_train_loader,
@@ -68,6 +70,7 @@ __all__ = [
     "build_train_loader",
     "build_train_transform",
     "collate",
+    "load_image",
     "make_shapes",
     "rescale_size",
 ]

@@ -20,8 +20,9 @@ What is kept, following mmdetection 3.3's ``CocoDataset.parse_data_info`` and ``
   here such an image is dropped too (detectron2's rule). COCO train2017 has no such image: both
   rules keep 117,266 of its 118,287 images.
 
-Images are decoded by Pillow, turned upright by their EXIF orientation (as ``cv2.imread`` does),
-converted to RGB and checked against the annotated ``height`` and ``width``.
+Images are decoded by :func:`solo_fast.data.images.load_image` (RGB, turned upright by their EXIF
+orientation as mmdetection's OpenCV decoder does) and checked against the annotated ``height`` and
+``width``.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
+
+from solo_fast.data.images import load_image
+from solo_fast.data.loaders import Sample
 
 __all__ = [
     "CocoAnnotationWarning",
@@ -50,7 +53,6 @@ __all__ = [
     "CocoInstances",
     "ImageRecord",
     "InstanceRecord",
-    "Sample",
 ]
 
 # M=instances of an image, H/W=image height/width as loaded
@@ -85,15 +87,6 @@ class ImageRecord:
     height: int
     width: int
     instances: tuple[InstanceRecord, ...]
-
-
-class Sample(NamedTuple):
-    """What :class:`CocoInstances` returns for one image."""
-
-    image: torch.Tensor  # (3, h, w): uint8 as loaded, float32 after Normalize
-    target: dict[str, torch.Tensor]  # masks bool (M, h, w), boxes float32 (M, 4), labels int64 (M,)
-    image_id: Any  # the COCO image id
-    original_size: tuple[int, int]  # (H, W) as loaded
 
 
 class CocoInstances(Dataset):
@@ -338,23 +331,18 @@ class CocoInstances(Dataset):
                       original_size=(record.height, record.width))
 
     def _load_image(self, record: ImageRecord) -> torch.Tensor:
-        path = record.path
-        if not path.is_file():
-            raise FileNotFoundError(f"image {record.image_id!r} of {self.annotation_file}: "
-                                    f"file {path} not found")
+        where = f"image {record.image_id!r} of {self.annotation_file}"
         try:
-            with Image.open(path) as pil:
-                pil = ImageOps.exif_transpose(pil).convert("RGB")
-                array = np.asarray(pil, dtype=np.uint8)  # (H, W, 3)
-        except (UnidentifiedImageError, OSError) as error:
-            raise CocoFormatError(f"image {record.image_id!r} of {self.annotation_file}: cannot "
-                                  f"decode {path}: {error}") from error
-        if array.shape[:2] != (record.height, record.width):
+            image = load_image(record.path)  # (3, H, W) uint8
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{where}: {error}") from error
+        except ValueError as error:
+            raise CocoFormatError(f"{where}: {error}") from error
+        if tuple(image.shape[1:]) != (record.height, record.width):
             raise CocoFormatError(
-                f"image {record.image_id!r} of {self.annotation_file}: {path} is "
-                f"{array.shape[0]}x{array.shape[1]} (h x w) but annotated as "
-                f"{record.height}x{record.width}")
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+                f"{where}: {record.path} is {image.shape[1]}x{image.shape[2]} (h x w) but "
+                f"annotated as {record.height}x{record.width}")
+        return image
 
     def _load_target(self, record: ImageRecord) -> dict[str, torch.Tensor]:
         h, w = record.height, record.width

@@ -3,7 +3,7 @@
     model = solo_fast.build_model("solov2_r50_fpn_1x_coco", num_classes=80)
     for path, prediction in predict_images(model, ["photos/"], test_scale=(1333, 800),
                                            device="cuda", batch_size=2, category_names=names):
-        save_overlay(f"out/{path.stem}.png", Image.open(path), prediction, names)
+        save_overlay(f"out/{path.stem}.png", load_image(path), prediction, names)
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from solo_fast.data.coco import Sample
-from solo_fast.data.collate import collate
+from solo_fast.data.images import load_image
+from solo_fast.data.loaders import Sample, collate
 from solo_fast.data.transforms import build_eval_transform
 from solo_fast.engine.evaluate import xyxy_to_xywh
 from solo_fast.postprocess import encode_rle
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_image_paths", "load_image", "predict_images",
-           "predictions_to_coco_json"]
+__all__ = ["IMAGE_EXTENSIONS", "expand_image_paths", "predict_images", "predictions_to_coco_json"]
 
 # N=images in a batch, K=instances of an image, H0/W0=image height/width as loaded
 
@@ -52,24 +50,6 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
         else:
             raise FileNotFoundError(f"image {path} not found")
     return files
-
-
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a uint8 ``(3, H0, W0)`` RGB tensor, turned upright by its EXIF tag.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a file Pillow cannot decode (the message names it).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    try:
-        with Image.open(path) as pil:
-            array = np.asarray(ImageOps.exif_transpose(pil).convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H0, W0)
 
 
 def predict_images(model: torch.nn.Module, paths: Iterable[str | os.PathLike], *,

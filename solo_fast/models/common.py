@@ -1,7 +1,10 @@
 """Building blocks shared by every SOLO-family head.
 
 * :class:`ConvGNReLU`, mmcv's ``ConvModule(norm_cfg=GN)``: conv (no bias) -> GN -> ReLU, with
-  the submodule names ``conv`` and ``gn`` so that mmdetection's tower weights load unchanged.
+  the submodule names ``conv`` and ``gn`` so that mmdetection's tower weights load unchanged;
+  :func:`conv_tower`, a stack of them.
+* :func:`init_output_convs`, mmdetection's initialisation of a head's output convs.
+* :func:`upsample2x`, the bilinear x2 of the mask branches.
 * :func:`coord_features`, mmdetection's ``generate_coordinate`` (SPEC §1.6).
 * :func:`resize_feats`, the FPN-to-instance-level resampling of SPEC §1.5.
 """
@@ -18,10 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "ConvGNReLU",
     "PRIOR_PROB_BIAS",
+    "ConvGNReLU",
+    "conv_tower",
     "coord_features",
+    "init_output_convs",
     "resize_feats",
+    "upsample2x",
 ]
 
 # mmcv's bias_init_with_prob(0.01): a sigmoid output starts at probability 0.01 (-4.59512)
@@ -53,6 +59,48 @@ class ConvGNReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W)."""
         return F.relu(self.gn(self.conv(x)))
+
+
+def conv_tower(in_channels: int, feat_channels: int, stacked_convs: int, *,
+               num_groups: int) -> nn.Sequential:
+    """A head tower: ``stacked_convs`` 3x3 :class:`ConvGNReLU`, the first from ``in_channels``.
+
+    mmdetection's ``mask_convs`` / ``cls_convs`` / ``kernel_convs``; the children are named
+    ``0..stacked_convs-1``, as in mmdetection's ``ModuleList``, so checkpoint keys match.
+
+    Args:
+        in_channels: Channels of the tower's input.
+        feat_channels: Channels of every conv's output.
+        stacked_convs: Number of convs.
+        num_groups: GroupNorm groups.
+
+    Returns:
+        ``(N, in_channels, H, W) -> (N, feat_channels, H, W)``.
+    """
+    return nn.Sequential(*(
+        ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels, num_groups=num_groups)
+        for i in range(stacked_convs)))
+
+
+def init_output_convs(*convs: nn.Conv2d, bias: float = PRIOR_PROB_BIAS) -> None:
+    """Weights from Normal(0, 0.01) and a constant bias, in the order given.
+
+    mmdetection's ``init_cfg`` of the SOLO heads: ``Normal(std=0.01)`` with ``bias_prob=0.01``
+    (:data:`PRIOR_PROB_BIAS`) for the class and mask outputs; SOLOv2's kernel output keeps
+    bias 0.
+    """
+    for conv in convs:
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.constant_(conv.bias, bias)
+
+
+def upsample2x(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, 2H, 2W), bilinear, align_corners=False.
+
+    Given as ``scale_factor`` (not ``size``), as mmdetection does: the source coordinates are
+    computed from the given scale.
+    """
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 def coord_features(like: Tensor) -> Tensor:

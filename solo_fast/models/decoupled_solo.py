@@ -30,11 +30,16 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig, ModelConfig
-from solo_fast.models.common import PRIOR_PROB_BIAS, ConvGNReLU, coord_features, resize_feats
+from solo_fast.models.common import (
+    conv_tower,
+    coord_features,
+    init_output_convs,
+    resize_feats,
+    upsample2x,
+)
 from solo_fast.models.detector import (
     CONV_GN_KEYS,
     SOLODetector,
@@ -73,20 +78,6 @@ class DecoupledSOLOOutput(NamedTuple):
     cls_preds: list[Tensor]
 
 
-def _tower(in_channels: int, feat_channels: int, stacked_convs: int,
-           num_groups: int) -> nn.ModuleList:
-    return nn.ModuleList(
-        ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels, num_groups=num_groups)
-        for i in range(stacked_convs))
-
-
-def _run(convs: nn.ModuleList, x: Tensor) -> Tensor:
-    for conv in convs:
-        x = conv(x)
-    # scale_factor (not size), as mmdetection: the source coordinates use the given scale
-    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-
-
 class _DecoupledHeadBase(nn.Module):
     """Class tower and the per-level X / Y / class output convs both Decoupled heads share."""
 
@@ -100,7 +91,8 @@ class _DecoupledHeadBase(nn.Module):
         self.num_classes = num_classes
         self.num_grids = tuple(num_grids)
         self.cls_down_index = cls_down_index
-        self.cls_convs = _tower(in_channels, feat_channels, stacked_convs, num_groups)
+        self.cls_convs = conv_tower(in_channels, feat_channels, stacked_convs,
+                                    num_groups=num_groups)
         self.mask_pred_x = nn.ModuleList(
             nn.Conv2d(feat_channels, grid, 3, padding=1) for grid in num_grids)
         self.mask_pred_y = nn.ModuleList(
@@ -108,9 +100,7 @@ class _DecoupledHeadBase(nn.Module):
         self.cls_pred = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
 
     def _init_outputs(self) -> None:
-        for conv in (*self.mask_pred_x, *self.mask_pred_y, self.cls_pred):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.constant_(conv.bias, PRIOR_PROB_BIAS)
+        init_output_convs(*self.mask_pred_x, *self.mask_pred_y, self.cls_pred)
 
     def _mask_features(self, feat: Tensor) -> tuple[Tensor, Tensor]:
         """(N, in_channels, h, w) -> the upsampled X and Y tower outputs, each (N, F, 2h, 2w)."""
@@ -170,15 +160,17 @@ class DecoupledSOLOHead(_DecoupledHeadBase):
                          feat_channels=feat_channels, stacked_convs=stacked_convs,
                          num_grids=num_grids, cls_down_index=cls_down_index,
                          num_groups=num_groups)
-        self.mask_convs_x = _tower(in_channels + 1, feat_channels, stacked_convs, num_groups)
-        self.mask_convs_y = _tower(in_channels + 1, feat_channels, stacked_convs, num_groups)
+        self.mask_convs_x = conv_tower(in_channels + 1, feat_channels, stacked_convs,
+                                       num_groups=num_groups)
+        self.mask_convs_y = conv_tower(in_channels + 1, feat_channels, stacked_convs,
+                                       num_groups=num_groups)
         self._init_outputs()
 
     def _mask_features(self, feat: Tensor) -> tuple[Tensor, Tensor]:
         coords = coord_features(feat)  # (N, 2, h, w): [x, y]
         x_feat = torch.cat([feat, coords[:, :1]], 1)  # (N, in_channels + 1, h, w)
         y_feat = torch.cat([feat, coords[:, 1:]], 1)  # (N, in_channels + 1, h, w)
-        return _run(self.mask_convs_x, x_feat), _run(self.mask_convs_y, y_feat)
+        return upsample2x(self.mask_convs_x(x_feat)), upsample2x(self.mask_convs_y(y_feat))
 
 
 class DecoupledSOLOLightHead(_DecoupledHeadBase):
@@ -212,12 +204,13 @@ class DecoupledSOLOLightHead(_DecoupledHeadBase):
                          feat_channels=feat_channels, stacked_convs=stacked_convs,
                          num_grids=num_grids, cls_down_index=cls_down_index,
                          num_groups=num_groups)
-        self.mask_convs = _tower(in_channels + 2, feat_channels, stacked_convs, num_groups)
+        self.mask_convs = conv_tower(in_channels + 2, feat_channels, stacked_convs,
+                                     num_groups=num_groups)
         self._init_outputs()
 
     def _mask_features(self, feat: Tensor) -> tuple[Tensor, Tensor]:
         x = torch.cat([feat, coord_features(feat)], 1)  # (N, in_channels + 2, h, w)
-        x = _run(self.mask_convs, x)
+        x = upsample2x(self.mask_convs(x))  # (N, F, 2h, 2w)
         return x, x
 
 

@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig, ModelConfig
-from solo_fast.models.common import PRIOR_PROB_BIAS, ConvGNReLU, coord_features, resize_feats
+from solo_fast.models.common import (
+    conv_tower,
+    coord_features,
+    init_output_convs,
+    resize_feats,
+    upsample2x,
+)
 from solo_fast.models.detector import (
     CONV_GN_KEYS,
     SOLODetector,
@@ -129,19 +135,13 @@ class SOLOHead(nn.Module):
         self.num_classes = num_classes
         self.num_grids = tuple(num_grids)
         self.cls_down_index = cls_down_index
-        self.mask_convs = nn.ModuleList(
-            ConvGNReLU(in_channels + 2 if i == 0 else feat_channels, feat_channels,
-                       num_groups=num_groups)
-            for i in range(stacked_convs))
-        self.cls_convs = nn.ModuleList(
-            ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels,
-                       num_groups=num_groups)
-            for i in range(stacked_convs))
+        self.mask_convs = conv_tower(in_channels + 2, feat_channels, stacked_convs,
+                                     num_groups=num_groups)
+        self.cls_convs = conv_tower(in_channels, feat_channels, stacked_convs,
+                                    num_groups=num_groups)
         self.mask_pred = nn.ModuleList(nn.Conv2d(feat_channels, grid**2, 1) for grid in num_grids)
         self.cls_pred = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
-        for conv in (*self.mask_pred, self.cls_pred):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.constant_(conv.bias, PRIOR_PROB_BIAS)
+        init_output_convs(*self.mask_pred, self.cls_pred)
 
     def forward(self, feats: Sequence[Tensor]) -> SOLOOutput:
         """Raw outputs for FPN maps P2..P6.
@@ -158,10 +158,7 @@ class SOLOHead(nn.Module):
         mask_preds, cls_preds = [], []
         for feat, grid, mask_pred in zip(resize_feats(feats), self.num_grids, self.mask_pred):
             x = torch.cat([feat, coord_features(feat)], 1)  # (N, in_channels + 2, h, w)
-            for conv in self.mask_convs:
-                x = conv(x)
-            # scale_factor (not size), as mmdetection: the source coordinates use the given scale
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = upsample2x(self.mask_convs(x))  # (N, F, 2h, 2w)
             mask_preds.append(mask_pred(x))  # (N, G, 2h, 2w)
             cls_preds.append(category_logits(feat, grid, self.cls_convs, self.cls_pred,
                                              down_index=self.cls_down_index))

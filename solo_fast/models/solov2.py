@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from solo_fast.config import HeadConfig, ModelConfig
-from solo_fast.models.common import PRIOR_PROB_BIAS, ConvGNReLU, coord_features, resize_feats
+from solo_fast.models.common import (
+    ConvGNReLU,
+    conv_tower,
+    coord_features,
+    init_output_convs,
+    resize_feats,
+    upsample2x,
+)
 from solo_fast.models.detector import (
     CONV_GN_KEYS,
     SOLODetector,
@@ -131,7 +138,7 @@ class MaskFeatModule(nn.Module):
             for conv in convs:
                 x = conv(x)
                 if self.start_level + i > 0:
-                    x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+                    x = upsample2x(x)
             fused = x if fused is None else fused + x
         return self.out_conv(fused)
 
@@ -167,20 +174,15 @@ class SOLOv2Head(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.num_grids = tuple(num_grids)
-        self.kernel_convs = nn.ModuleList(
-            ConvGNReLU(in_channels + 2 if i == 0 else feat_channels, feat_channels,
-                       num_groups=num_groups)
-            for i in range(stacked_convs))
-        self.cls_convs = nn.ModuleList(
-            ConvGNReLU(in_channels if i == 0 else feat_channels, feat_channels,
-                       num_groups=num_groups)
-            for i in range(stacked_convs))
+        self.kernel_convs = conv_tower(in_channels + 2, feat_channels, stacked_convs,
+                                       num_groups=num_groups)
+        self.cls_convs = conv_tower(in_channels, feat_channels, stacked_convs,
+                                    num_groups=num_groups)
         self.kernel_pred = nn.Conv2d(feat_channels, mask_feat.out_channels, 3, padding=1)
         self.cls_pred = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.mask_feat = mask_feat
-        for conv, bias in ((self.kernel_pred, 0.0), (self.cls_pred, PRIOR_PROB_BIAS)):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.constant_(conv.bias, bias)
+        init_output_convs(self.kernel_pred, bias=0.0)
+        init_output_convs(self.cls_pred)
 
     def forward(self, feats: Sequence[Tensor]) -> SOLOv2Output:
         """Raw outputs for FPN maps P2..P6.
@@ -200,12 +202,8 @@ class SOLOv2Head(nn.Module):
             x = torch.cat([feat, coord_features(feat)], 1)  # (N, in_channels + 2, h, w)
             x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)  # (N, ., S, S)
             cls_x = x[:, :-2].contiguous()  # (N, in_channels, S, S): no coordinates
-            for conv in self.kernel_convs:
-                x = conv(x)
-            for conv in self.cls_convs:
-                cls_x = conv(cls_x)
-            kernel_preds.append(self.kernel_pred(x))
-            cls_preds.append(self.cls_pred(cls_x))
+            kernel_preds.append(self.kernel_pred(self.kernel_convs(x)))  # (N, E, S, S)
+            cls_preds.append(self.cls_pred(self.cls_convs(cls_x)))  # (N, C, S, S)
         return SOLOv2Output(kernel_preds, cls_preds, mask_feats)
 
 

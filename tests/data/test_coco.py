@@ -296,3 +296,22 @@ def test_undecodable_image(tmp_path):
     (folder / "a.png").write_bytes(b"not an image")
     with pytest.raises(CocoFormatError, match=r"image 3 .*cannot decode"):
         _dataset(file, folder, train=False)[0]
+
+
+def test_exif_rotated_image_is_loaded_upright(tmp_path):
+    # stored 40 wide x 48 high with orientation 6: a viewer (and OpenCV) shows it 48 wide x 40 high
+    stored = np.random.default_rng(1).integers(0, 256, (W, H, 3), dtype=np.uint8)  # (48, 40, 3)
+    file, folder = _write(tmp_path, [_ann(1, 1, 5, [[2, 3, 12, 3, 12, 8, 2, 8]])])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation
+    Image.fromarray(stored).save(folder / "a.png", exif=exif)
+    image = _dataset(file, folder)[0].image
+    upright = np.ascontiguousarray(np.rot90(stored, -1))  # (40, 48, 3)
+    assert torch.equal(image, torch.from_numpy(upright).permute(2, 0, 1))
+    # annotated with the stored (sideways) size: the mismatch names both sizes
+    images = [{"id": 6, "file_name": "a.png", "height": W, "width": H}]
+    file = tmp_path / "sideways.json"
+    file.write_text(json.dumps({"images": images, "annotations": [], "categories": CATEGORIES}))
+    with pytest.raises(CocoFormatError, match=r"image 6 .*a\.png is 40x48 \(h x w\) but "
+                                              r"annotated as 48x40"):
+        _dataset(file, folder, train=False)[0]

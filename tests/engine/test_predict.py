@@ -2,17 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import solo_fast
-from solo_fast.data import CocoInstances, make_shapes
-from solo_fast.engine.predict import (
-    expand_image_paths,
-    load_image,
-    predict_images,
-    predictions_to_coco_json,
-)
+from solo_fast.data import CocoInstances, build_eval_transform, collate, load_image, make_shapes
+from solo_fast.engine.predict import expand_image_paths, predict_images, predictions_to_coco_json
 
 PRESET = "solov2-light_r18_fpn_ms-3x_coco"
 
@@ -84,3 +81,48 @@ def test_missing_and_unreadable_images_are_named(shapes, tmp_path):
         load_image(broken)
     with pytest.raises(ValueError, match="broken.png"):
         list(predict_images(model, [broken], test_scale=(320, 192), category_names=["a"]))
+
+
+class _InputRecorder(torch.nn.Module):
+    """Stands in for a detector: keeps what predict_images feeds it, predicts nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, images):
+        self.calls.append(images)
+
+    def predict(self, outputs, image_sizes, original_sizes):
+        self.calls.append((image_sizes, original_sizes))
+        return [{"masks": torch.zeros(0, h, w, dtype=torch.bool),
+                 "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+                 "boxes": torch.zeros(0, 4)} for h, w in original_sizes]
+
+
+def test_predict_and_the_data_set_see_the_same_pixels(tmp_path):
+    # one JPEG stored sideways with EXIF orientation 6 (upright: 30 high x 52 wide), one plain PNG
+    rng = np.random.default_rng(2)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (52, 30, 3), dtype=np.uint8)).save(
+        tmp_path / "a.jpg", exif=exif, quality=90)
+    Image.fromarray(rng.integers(0, 256, (41, 37, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    images = [{"id": 1, "file_name": "a.jpg", "height": 30, "width": 52},
+              {"id": 2, "file_name": "b.png", "height": 41, "width": 37}]
+    annotations = tmp_path / "val.json"
+    annotations.write_text(json.dumps({"images": images,
+                                       "categories": [{"id": 1, "name": "thing"}]}))
+    scale = (96, 64)
+    dataset = CocoInstances(annotation_file=annotations, image_dir=tmp_path, train=False,
+                            transform=build_eval_transform(scale=scale))
+    expected = collate([dataset[0], dataset[1]])
+
+    model = _InputRecorder()
+    results = list(predict_images(model, [tmp_path / "a.jpg", tmp_path / "b.png"],
+                                  test_scale=scale, batch_size=2, category_names=["thing"]))
+    assert len(results) == 2 and len(model.calls) == 2
+    pixels, (image_sizes, original_sizes) = model.calls
+    assert original_sizes == expected.original_sizes == [(30, 52), (41, 37)]
+    assert image_sizes == expected.image_sizes
+    assert torch.equal(pixels, expected.images)

@@ -7,8 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 import solo_fast
-from solo_fast.data.coco import Sample
-from solo_fast.data.collate import build_train_loader
+from solo_fast.data.loaders import Sample, build_train_loader
 
 HEIGHT, WIDTH = 64, 96
 

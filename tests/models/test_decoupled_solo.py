@@ -4,8 +4,6 @@ mmdetection 3.3's DecoupledSOLOHead and DecoupledSOLOLightHead
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,23 +19,25 @@ from solo_fast.models.decoupled_solo import (
     mmdet_head_key_map,
     mmdet_model_key_map,
 )
-from tests.models.helpers import assert_total_gradients
-from tests.models.test_solo import (
+from tests.models.helpers import (
     BACKENDS,
+    FIXTURES,
     GRAD_TOL,
     LOSS_TOL,
     TOL,
     assert_channel_subset,
     assert_keys_match_mmdet,
+    assert_losses_match_mmdet,
+    assert_total_gradients,
     eval_probabilities,
     gt_instances,
     head_kwargs,
+    one_instance_gt,
     target_config,
 )
 
 # N=images, L=levels, S=grid side, C=classes, K=positives
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mmdet"
 VARIANTS = {"decoupled_solo": DecoupledSOLOHead, "decoupled_solo_light": DecoupledSOLOLightHead}
 _CACHE: dict[str, dict] = {}
 
@@ -180,22 +180,9 @@ def test_criterion_matches_mmdet(fixture, backend):
     out = head(feats)
     for tensor in [*out.mask_preds_x, *out.mask_preds_y]:
         tensor.retain_grad()
-    criterion = _criterion(fixture, backend)
-    gts = gt_instances(fixture)
-    losses = criterion(out, gts)
     expected = fixture["train"]
-    assert set(losses) == {"loss_mask", "loss_cls"}
-    for name in ("loss_mask", "loss_cls"):
-        torch.testing.assert_close(losses[name].detach(), expected["loss"][name], **LOSS_TOL)
-
-    levels = criterion.assign(gts)
-    assert sum(int(level.num_pos) for level in levels) == expected["num_pos"]
-    terms = [t for t in criterion.mask_losses(out, levels) if t.shape[0]]
-    assert len(terms) == len(expected["dice_calls"])
-    for term, call, level in zip(terms, expected["dice_calls"], levels):
-        assert (term.shape[0], *level.gt_masks.shape[1:]) == tuple(call["pred_shape"])
-        torch.testing.assert_close(term.detach(), call["loss_per_mask"], **LOSS_TOL)
-
+    losses = assert_losses_match_mmdet(_criterion(fixture, backend), out, gt_instances(fixture),
+                                       expected)
     losses["loss_mask"].backward(retain_graph=True)
     grads = expected["grad_outputs"]
     for level in range(5):
@@ -223,8 +210,5 @@ def test_criterion_empty_ground_truth(fixture):
 def test_criterion_one_instance_gives_both_losses(fixture):
     head = _fixture_head(fixture).train()
     out = head(fixture["inputs"]["feats"])
-    gts = gt_instances(fixture)
-    one = [{key: value[:1] for key, value in gts[0].items()},
-           gt_instances(fixture, empty=True)[1]]
-    losses = _criterion(fixture, None)(out, one)
+    losses = _criterion(fixture, None)(out, one_instance_gt(fixture))
     assert losses["loss_mask"].item() > 0 and losses["loss_cls"].item() > 0

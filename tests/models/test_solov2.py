@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,11 +17,9 @@ from solo_fast.models.solov2 import (
     mmdet_head_key_map,
     mmdet_model_key_map,
 )
+from tests.models.helpers import FIXTURES, TOL, assert_keys_match_mmdet
 
 # N=images, L=levels, S=grid side, C=classes, E=mask-feature channels, G=cells of all levels
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mmdet"
-TOL = {"atol": 1e-5, "rtol": 1e-5}  # forward activations: the issue asks 1e-5 relative
 
 
 @pytest.fixture(scope="module")
@@ -84,27 +80,9 @@ def test_outputs_give_mmdet_candidates(fixture):
         assert torch.equal(areas, expected["mask_area"].float())
 
 
-def _mmdet_keys(config: str) -> dict[str, tuple[list[int], str]]:
-    keys = {}
-    for line in (FIXTURES / "state_dict_keys" / f"{config}.txt").read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        keys[key] = ([int(s) for s in shape.strip("[]").split(",") if s.strip()], dtype)
-    return keys
-
-
 @pytest.mark.parametrize("config", ["solov2_r50_fpn_1x_coco", "solov2-light_r18_fpn_ms-3x_coco"])
 def test_state_dict_keys_match_mmdet(config):
-    mmdet = _mmdet_keys(config)
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = build_model(get_preset(config))
-    ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in
-            model.state_dict().items()}
-    mapped = {mmdet_model_key_map(k): k for k in mmdet}
-    assert len(mapped) == len(mmdet)
-    for key, mmdet_key in mapped.items():
-        assert key in ours, f"{mmdet_key} -> {key} is not a key of solo_fast's model"
-        assert ours[key] == mmdet[mmdet_key], f"{mmdet_key} -> {key}: {ours[key]}"
-    assert set(ours) == set(mapped), f"unmatched solo_fast keys: {set(ours) - set(mapped)}"
+    assert_keys_match_mmdet(config, mmdet_model_key_map)
 
 
 def test_key_map_names():

@@ -1,4 +1,5 @@
-"""Batching: zero padding to a multiple of 32, aspect-ratio grouping, DataLoader builders.
+"""Data loaders: the sample and batch types, zero padding to a multiple of 32, aspect-ratio
+grouping, and the DataLoader builders.
 
 mmdetection pads each batch to its largest image rounded up to the size divisor (32), bottom and
 right, after normalisation with 0 (``DetDataPreprocessor``, ``stack_batch``), and pads the GT masks
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
@@ -22,6 +23,7 @@ __all__ = [
     "Batch",
     "EpochDataLoader",
     "GroupedBatchSampler",
+    "Sample",
     "aspect_ratio_groups",
     "build_eval_loader",
     "build_train_loader",
@@ -31,6 +33,15 @@ __all__ = [
 # N=images in the batch, M=instances of an image, h/w=image size, Hp/Wp=padded batch canvas
 
 SIZE_DIVISOR = 32
+
+
+class Sample(NamedTuple):
+    """One image as a data set gives it (``CocoInstances[i]``) and :func:`collate` takes it."""
+
+    image: torch.Tensor  # (3, h, w): uint8 as loaded, float32 after Normalize
+    target: dict[str, torch.Tensor]  # masks bool (M, h, w), boxes float32 (M, 4), labels int64 (M,)
+    image_id: Any  # the COCO image id
+    original_size: tuple[int, int]  # (height, width) as loaded, before any transform
 
 
 @dataclass
@@ -75,7 +86,7 @@ def collate(batch: Sequence[Any], size_divisor: int = SIZE_DIVISOR) -> Batch:
     """Pads and stacks samples (``collate_fn`` of the loaders).
 
     Args:
-        batch: :class:`solo_fast.data.Sample` tuples ``(image, target, image_id,
+        batch: :class:`Sample` tuples ``(image, target, image_id,
             original_size)``; images ``(3, h, w)`` of one dtype (float32 after Normalize),
             targets with ``masks`` bool ``(M, h, w)``, ``boxes`` and ``labels``.
         size_divisor: Hp and Wp are the largest h and w rounded up to a multiple of this.
