@@ -1,13 +1,9 @@
 """pytest-benchmark: SOLOv2's fused dynamic mask convolution + dice loss against its reference.
 
-Run: ``python -m pytest benchmarks/bench_dynamic_mask_dice_loss.py`` (add
-``--benchmark-json out.json`` to keep the figures). One group per (size, mode); the ``provider``
-axis holds every backend that runs on this machine's devices. ``extra_info["peak_mb"]`` is the
-resident-memory peak of one call above what the inputs already hold (CPU, after trimming the C
-heap; GPU peaks come from the CUDA allocator).
-
-The cases (sizes, inputs, the outputs compared) are ``CASES["dynamic_mask_dice_loss"]`` of
-``solo_fast.bench.cases``, which ``solo-fast bench`` runs too (``--size canonical``).
+Run: ``python -m pytest benchmarks/bench_dynamic_mask_dice_loss.py``.
+Cases: ``CASES["dynamic_mask_dice_loss"]`` of ``solo_fast.bench.cases``, which ``solo-fast bench``
+runs too.
+Groups, providers and ``extra_info``: ``tests.ops.helpers.benchmark_case``.
 
 Sizes: SOLOv2's training canonical size (SPEC §15.4 and KERNELS.md: one image, K = 200
 positives, E = 256 mask-feature channels, 200 x 272 mask map at COCO's 800 x 1088 input), and a
@@ -16,16 +12,11 @@ smaller one (two images, K = 50, E = 128, 100 x 136).
 
 from __future__ import annotations
 
-import pytest
-
-from solo_fast.bench.cases import cases
-from tests.ops.helpers import benchmark_case, benchmark_cases
+from tests.ops.helpers import benchmark_case, benchmark_parameters
 
 OP = "dynamic_mask_dice_loss"
 
 
-@pytest.mark.parametrize("device,provider", benchmark_cases(), ids=lambda value: str(value))
-@pytest.mark.parametrize("case,mode", [(case, mode) for case in cases(OP) for mode in case.modes],
-                         ids=lambda value: getattr(value, "name", value))
+@benchmark_parameters(OP)
 def test_dynamic_mask_dice_loss(benchmark, case, mode, device, provider):
     benchmark_case(benchmark, case, mode=mode, device=device, provider=provider)

@@ -1,13 +1,9 @@
 """pytest-benchmark: vanilla SOLO's fused candidate scoring against its PyTorch reference.
 
-Run: ``python -m pytest benchmarks/bench_solo_mask_scores.py`` (add ``--benchmark-json
-out.json`` to keep the figures). One group per size; the ``provider`` axis holds every backend that
-runs on this machine's devices. ``extra_info["peak_mb"]`` is the memory peak of one call above what
-the inputs already hold (resident set on CPU after trimming the C heap; CUDA allocator on GPU).
-Scoring is inference only: the mode is ``forward`` (no autograd).
-
-The cases (sizes, inputs, the outputs compared) are ``CASES["solo_mask_scores"]`` of
-``solo_fast.bench.cases``, which ``solo-fast bench`` runs too (``--size canonical``).
+Run: ``python -m pytest benchmarks/bench_solo_mask_scores.py``.
+Cases: ``CASES["solo_mask_scores"]`` of ``solo_fast.bench.cases``, which ``solo-fast bench``
+runs too.
+Groups, providers and ``extra_info``: ``tests.ops.helpers.benchmark_case``.
 
 Sizes: SPEC §9 / §15.2 at COCO's canonical 800 x 1088 input: one image, mmdetection's grids
 (40, 36, 24, 16, 12), each level's mask logits (1, S^2, h, w) at (200, 272), (200, 272),
@@ -18,16 +14,11 @@ resize), one op call per level, as the fused post-processing calls it.
 
 from __future__ import annotations
 
-import pytest
-
-from solo_fast.bench.cases import cases
-from tests.ops.helpers import benchmark_case, benchmark_cases
+from tests.ops.helpers import benchmark_case, benchmark_parameters
 
 OP = "solo_mask_scores"
 
 
-@pytest.mark.parametrize("device,provider", benchmark_cases(), ids=lambda value: str(value))
-@pytest.mark.parametrize("case,mode", [(case, mode) for case in cases(OP) for mode in case.modes],
-                         ids=lambda value: getattr(value, "name", value))
+@benchmark_parameters(OP)
 def test_solo_mask_scores(benchmark, case, mode, device, provider):
     benchmark_case(benchmark, case, mode=mode, device=device, provider=provider)

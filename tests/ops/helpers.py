@@ -6,9 +6,10 @@ runs the benchmarks' cases from an installed package); they are re-exported here
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from solo_fast.bench.cases import Case
+from solo_fast.bench.cases import Case, cases
 from solo_fast.bench.inputs import make_dice_inputs
 from solo_fast.bench.measure import (
     peak_memory_increase,
@@ -18,8 +19,8 @@ from solo_fast.bench.measure import (
 )
 from solo_fast.ops.reference import dice_loss_reference
 
-__all__ = ["benchmark_case", "benchmark_cases", "benchmark_op", "dice_loss_reference",
-           "make_dice_inputs", "peak_memory_increase", "peak_memory_mb", "resident_memory"]
+__all__ = ["benchmark_case", "benchmark_cases", "benchmark_op", "benchmark_parameters",
+           "dice_loss_reference", "make_dice_inputs", "peak_memory_increase", "peak_memory_mb", "resident_memory"]
 
 
 def benchmark_cases() -> list[tuple[str, str]]:
@@ -75,9 +76,27 @@ def benchmark_op(benchmark, *, device: str, mode: str, loss, leaves, rounds: int
         raise ValueError(f"mode must be forward, backward or full, got {mode!r}")
 
 
+def benchmark_parameters(op: str):
+    """The parametrisation of ``benchmarks/bench_<op>.py``'s one test: every (device, backend)
+    of :func:`benchmark_cases` times every (case, mode) of ``solo_fast.bench.cases.cases(op)``."""
+    backends = pytest.mark.parametrize("device,provider", benchmark_cases(),
+                                       ids=lambda value: str(value))
+    sizes = pytest.mark.parametrize(
+        "case,mode", [(case, mode) for case in cases(op) for mode in case.modes],
+        ids=lambda value: getattr(value, "name", value))
+    return lambda test: backends(sizes(test))
+
+
 def benchmark_case(benchmark, case: Case, *, mode: str, device: str, provider: str) -> None:
     """Times one case of ``solo_fast.bench.cases`` on one backend in one mode with
-    pytest-benchmark (:func:`benchmark_op`); one group per (op, size, mode, device)."""
+    pytest-benchmark (:func:`benchmark_op`).
+
+    Run a file with ``python -m pytest benchmarks/bench_<op>.py`` (add ``--benchmark-json
+    out.json`` to keep the figures). One group per (op, size, mode, device); the ``provider``
+    axis holds every backend that runs on this machine's devices. ``extra_info["peak_mb"]`` is
+    the resident-memory peak of one call above what the inputs already hold (CPU, after trimming
+    the C heap; GPU peaks come from the CUDA allocator).
+    """
     benchmark.group = f"{case.op} {case.size} {mode} ({device})"
     benchmark.extra_info.update(provider=provider, device=device, mode=mode)
     if case.variant:
