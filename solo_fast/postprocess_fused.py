@@ -369,7 +369,7 @@ def solo_source(levels: Sequence[Tensor], image: Tensor, level: Tensor, channel:
             index = (level == index_level).nonzero().squeeze(1)  # (K_l,)
             if index.numel() == 0:
                 continue
-            area[index], soft_sum[index] = ops.solo_mask_scores(
+            area[index], soft_sum[index], _ = ops.solo_mask_scores(
                 maps, image[index], channel[index], size=size, threshold=threshold,
                 logits=activate, backend=backend)
         return MaskScores(area, soft_sum)
