@@ -28,15 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (
-    accumulation_dtype,
-    device_guard,
-    dice_coefficients,
-    dice_partials,
-    grid_layout,
-    loss_and_sums,
-    sigmoid_with_derivative,
-)
+from . import _common
+from ._common import sigmoid_with_derivative
 from .dice_loss import PIXELS_PER_CHUNK
 
 __all__ = ["BACKWARD_PIXELS_PER_CHUNK", "decoupled_dice_loss_backward",
@@ -211,19 +204,19 @@ def decoupled_dice_loss_forward(x: Tensor, y: Tensor, pos_image: Tensor, pos_row
     num_grids, num_pixels = x.shape[1], x.shape[2]
     num_positives = pos_image.shape[0]
     if num_positives == 0 or num_pixels == 0:
-        return loss_and_sums(dice_partials(num_positives, 0, x), eps, x.dtype)
+        return _common.loss_and_sums(_common.dice_partials(num_positives, 0, x), eps, x.dtype)
 
     default_block, num_warps = launch_config(x.dtype, backward=False)
     block = default_block if block is None else block
-    pixels_per_chunk, num_chunks = grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
         "decoupled_dice_loss")
-    partials = dice_partials(num_positives, num_chunks, x)  # (K, chunks, 3)
-    with device_guard(x):
+    partials = _common.dice_partials(num_positives, num_chunks, x)  # (K, chunks, 3)
+    with _common.device_guard(x):
         _decoupled_dice_loss_fwd_kernel[(num_positives, num_chunks)](
             x, y, pos_image, pos_row, pos_col, target, partials, num_grids, num_pixels,
             num_chunks, pixels_per_chunk, BLOCK=block, num_warps=num_warps)
-    return loss_and_sums(partials, eps, x.dtype)
+    return _common.loss_and_sums(partials, eps, x.dtype)
 
 
 def decoupled_dice_loss_backward(grad_loss: Tensor, x: Tensor, y: Tensor, pos_image: Tensor,
@@ -258,18 +251,19 @@ def decoupled_dice_loss_backward(grad_loss: Tensor, x: Tensor, y: Tensor, pos_im
     if num_pixels == 0:
         return grad_x, grad_y
 
-    coefs = dice_coefficients(grad_loss, sums, eps, accumulation_dtype(x.dtype))  # (K, 2)
+    coefs = _common.dice_coefficients(grad_loss, sums, eps,
+                                      _common.accumulation_dtype(x.dtype))  # (K, 2)
 
     num_rows = num_images * num_grids
     default_block, num_warps = launch_config(x.dtype, backward=True)
     block = default_block if block is None else block
-    pixels_per_chunk, num_chunks = grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, block,
         BACKWARD_PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
         "decoupled_dice_loss")
     # X rows are grouped by column and take their partner from Y's rows; Y the other way round.
     sides = ((x, y, pos_col, pos_row, grad_x), (y, x, pos_row, pos_col, grad_y))
-    with device_guard(x):
+    with _common.device_guard(x):
         for own, partner, own_channel, partner_channel, grad in sides:
             group_start, member = _group_by_row(pos_image, own_channel, num_grids, num_rows)
             _decoupled_dice_loss_bwd_kernel[(num_rows, num_chunks)](

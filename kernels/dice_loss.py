@@ -17,15 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (
-    accumulation_dtype,
-    device_guard,
-    dice_coefficients,
-    dice_partials,
-    grid_layout,
-    loss_and_sums,
-    sigmoid_with_derivative,
-)
+from . import _common
+from ._common import sigmoid_with_derivative
 
 __all__ = ["PIXELS_PER_CHUNK", "dice_loss_backward", "dice_loss_forward", "launch_config"]
 
@@ -165,19 +158,19 @@ def dice_loss_forward(pred: Tensor, target: Tensor, logits: bool, eps: float, *,
     target = target.contiguous()
     num_masks, num_pixels = pred.shape
     if num_masks == 0 or num_pixels == 0:
-        return loss_and_sums(dice_partials(num_masks, 0, pred), eps, pred.dtype)
+        return _common.loss_and_sums(_common.dice_partials(num_masks, 0, pred), eps, pred.dtype)
 
     default_block, num_warps = launch_config(pred.dtype, backward=False)
     block = default_block if block is None else block
-    pixels_per_chunk, num_chunks = grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
         "dice_loss")
-    partials = dice_partials(num_masks, num_chunks, pred)  # (K, chunks, 3)
-    with device_guard(pred):
+    partials = _common.dice_partials(num_masks, num_chunks, pred)  # (K, chunks, 3)
+    with _common.device_guard(pred):
         _dice_loss_fwd_kernel[(num_masks, num_chunks)](
             pred, target, partials, num_pixels, num_chunks, pixels_per_chunk,
             LOGITS=bool(logits), BLOCK=block, num_warps=num_warps)
-    return loss_and_sums(partials, eps, pred.dtype)
+    return _common.loss_and_sums(partials, eps, pred.dtype)
 
 
 def dice_loss_backward(grad_loss: Tensor, pred: Tensor, target: Tensor, sums: Tensor,
@@ -209,14 +202,15 @@ def dice_loss_backward(grad_loss: Tensor, pred: Tensor, target: Tensor, sums: Te
     if num_masks == 0 or num_pixels == 0:
         return grad
 
-    coefs = dice_coefficients(grad_loss, sums, eps, accumulation_dtype(pred.dtype))  # (N, 2)
+    coefs = _common.dice_coefficients(grad_loss, sums, eps,
+                                      _common.accumulation_dtype(pred.dtype))  # (N, 2)
 
     default_block, num_warps = launch_config(pred.dtype, backward=True)
     block = default_block if block is None else block
-    pixels_per_chunk, num_chunks = grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
         "dice_loss")
-    with device_guard(pred):
+    with _common.device_guard(pred):
         _dice_loss_bwd_kernel[(num_masks, num_chunks)](
             pred, target, coefs, grad, num_pixels, pixels_per_chunk,
             LOGITS=bool(logits), BLOCK=block, num_warps=num_warps)

@@ -36,15 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (
-    accumulation_dtype,
-    device_guard,
-    dice_coefficients,
-    dice_partials,
-    grid_layout,
-    loss_and_sums,
-    sigmoid_with_derivative,
-)
+from . import _common
+from ._common import sigmoid_with_derivative
 
 __all__ = ["BACKWARD_PIXELS_PER_CHUNK", "PIXELS_PER_CHUNK", "dynamic_mask_dice_loss_backward",
            "dynamic_mask_dice_loss_forward", "launch_config"]
@@ -339,21 +332,22 @@ def dynamic_mask_dice_loss_forward(kernels: Tensor, mask_feats: Tensor, pos_imag
     num_images, num_channels, num_pixels = mask_feats.shape
     num_positives = kernels.shape[0]
     if num_positives == 0 or num_pixels == 0:
-        return loss_and_sums(dice_partials(num_positives, 0, kernels), eps, kernels.dtype)
+        empty = _common.dice_partials(num_positives, 0, kernels)  # (K, 0, 3)
+        return _common.loss_and_sums(empty, eps, kernels.dtype)
 
     config = launch_config(kernels.dtype, num_channels, kernel="forward")
     block_k, block_p = config["BLOCK_K"], config["BLOCK_P"]
-    pixels_per_chunk, num_chunks = grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, block_p, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
         "dynamic_mask_dice_loss")
     member, _, block_first, block_count, block_image = _positive_blocks(
         pos_image, num_images, block_k)
-    partials = dice_partials(num_positives, num_chunks, kernels)  # (K, chunks, 3)
-    with device_guard(kernels):
+    partials = _common.dice_partials(num_positives, num_chunks, kernels)  # (K, chunks, 3)
+    with _common.device_guard(kernels):
         _dmd_fwd_kernel[(block_first.shape[0], num_chunks)](
             kernels, mask_feats, member, block_first, block_count, block_image, target, partials,
             num_channels, num_pixels, num_chunks, pixels_per_chunk, **config)
-    return loss_and_sums(partials, eps, kernels.dtype)
+    return _common.loss_and_sums(partials, eps, kernels.dtype)
 
 
 def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_feats: Tensor,
@@ -385,7 +379,7 @@ def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_fea
     if num_positives == 0 or num_pixels == 0:
         return torch.zeros_like(kernels), torch.zeros_like(mask_feats)
     out_dtype = kernels.dtype
-    acc_dtype = accumulation_dtype(kernels.dtype)
+    acc_dtype = _common.accumulation_dtype(kernels.dtype)
     # 16-bit inputs: the float32 kernels on float32 copies (see launch_config), results cast back.
     kernels = kernels.to(acc_dtype).contiguous()  # (K, E)
     mask_feats = mask_feats.to(acc_dtype).contiguous()  # (N, E, P)
@@ -393,11 +387,11 @@ def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_fea
     if target.dtype not in (torch.uint8, acc_dtype):
         target = target.to(acc_dtype)
 
-    coefs = dice_coefficients(grad_loss, sums, eps, acc_dtype)  # (K, 2)
+    coefs = _common.dice_coefficients(grad_loss, sums, eps, acc_dtype)  # (K, 2)
 
     feats_config = launch_config(kernels.dtype, num_channels, kernel="feats")
     kernels_config = launch_config(kernels.dtype, num_channels, kernel="kernels")
-    pixels_per_chunk, num_chunks = grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, kernels_config["BLOCK_P"],
         BACKWARD_PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
         "dynamic_mask_dice_loss")
@@ -407,7 +401,7 @@ def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_fea
     partials = torch.empty((num_positives, num_chunks, num_channels), dtype=acc_dtype,
                            device=kernels.device)  # (K, C, E)
     num_tiles = -(-num_pixels // feats_config["BLOCK_P"])
-    with device_guard(kernels):
+    with _common.device_guard(kernels):
         if num_channels > 0:
             _dmd_bwd_feats_kernel[(num_images * num_tiles,)](
                 kernels, mask_feats, member, group_start, target, coefs, grad_feats,

@@ -13,6 +13,6 @@ from solo_fast.ops.matrix_nms import PackedMasks, batched_matrix_nms, matrix_nms
 from solo_fast.ops.solo_mask_scores import solo_mask_scores
 
 __all__ = ["BACKENDS", "MaskScores", "PackedMasks", "available_backends", "batched_matrix_nms",
-           "choose_backend", "cuda_compiled", "decoupled_dice_loss", "decoupled_mask_scores", "dice_loss",
-           "dynamic_mask_dice_loss", "dynamic_mask_scores", "has_ops", "matrix_nms",
+           "choose_backend", "cuda_compiled", "decoupled_dice_loss", "decoupled_mask_scores",
+           "dice_loss", "dynamic_mask_dice_loss", "dynamic_mask_scores", "has_ops", "matrix_nms",
            "solo_mask_scores"]

@@ -10,11 +10,15 @@ was expected; dtypes raise TypeError, everything else ValueError.
 Who checks what, per call of a public op (``solo_fast/ops/<op>.py``):
 
 * the public function checks its contract's metadata, always;
+* the op it calls checks the op-level contract (flattened shapes, byte targets): the compiled
+  ops in ``csrc/op_checks.h``, the Triton custom ops with their ``_OP_CONTRACT``; on the Triton
+  path the metadata is thus read twice, which costs microseconds and no synchronisation, and
+  keeps direct ``torch.ops.solo_fast`` calls safe;
 * the index ranges are checked once, by whatever reads the indices: the public function for the
-  ``reference`` backend, the compiled ops (``csrc/op_checks.h``, ``check_index_ranges``) for the
-  ``cpu`` and ``cuda`` backends, the Triton custom ops (their ``_OP_CONTRACT``) for ``triton``;
-  direct ``torch.ops.solo_fast`` calls are therefore checked too. ``check_index=False`` skips the
-  range check everywhere: for callers that built the indices themselves.
+  ``reference`` backend, the compiled ops (``check_index_ranges``) for ``cpu`` and ``cuda``, the
+  Triton custom op for ``triton`` (``dynamic_mask_scores``' launcher, in the copy that reads its
+  grid size); ``batched_matrix_nms`` checks image_ids itself, its kernels never read them.
+  ``check_index=False`` skips the range check everywhere: for callers that built the indices.
 """
 
 from __future__ import annotations
@@ -120,12 +124,17 @@ class Contract:
     args: tuple[Arg, ...]
     spell_letters: bool = True
 
-    def check(self, **tensors: object) -> Sizes:
+    def check(self, *, ranges: bool = False, **tensors: object) -> Sizes:
         """Checks every argument's type, shape, dtype and device; returns the letters' sizes.
+
+        Args:
+            ranges: also check the index ranges (:meth:`check_ranges`).
+            **tensors: the arguments, by name.
 
         Raises:
             TypeError: an argument is not a tensor, or has a dtype outside its set.
-            ValueError: a shape breaks the contract, or the tensors are on different devices.
+            ValueError: a shape breaks the contract, the tensors are on different devices, or
+                (with ``ranges``) an index is out of its range.
         """
         sizes: Sizes = {}
         dtypes: dict[str, torch.dtype] = {}
@@ -157,6 +166,8 @@ class Contract:
             elif value.device != first[1].device:
                 raise ValueError(f"{self.op}: {arg.name} is on {value.device} but {first[0]} is "
                                  f"on {first[1].device}; all must be on the same device")
+        if ranges:
+            self.check_ranges(sizes, **tensors)
         return sizes
 
     def _check_shape(self, arg: Arg, value: Tensor, sizes: Sizes) -> None:

@@ -131,11 +131,8 @@ def _decoupled_dice_loss_triton_forward(x_logits: Tensor, y_logits: Tensor, pos_
     # Lazy: Triton is optional, and imported only when its backend runs.
     from solo_fast.kernels import decoupled_dice_loss as triton_kernels
 
-    tensors = {"x_logits": x_logits, "y_logits": y_logits, "pos_image": pos_image,
-               "pos_row": pos_row, "pos_col": pos_col, "target": target}
-    sizes = _OP_CONTRACT.check(**tensors)
-    if check_index:
-        _OP_CONTRACT.check_ranges(sizes, **tensors)
+    _OP_CONTRACT.check(ranges=check_index, x_logits=x_logits, y_logits=y_logits,
+                       pos_image=pos_image, pos_row=pos_row, pos_col=pos_col, target=target)
     return triton_kernels.decoupled_dice_loss_forward(
         x_logits, y_logits, pos_image, pos_row, pos_col, op_target(target, x_logits.dtype), eps)
 
@@ -147,12 +144,9 @@ def _decoupled_dice_loss_triton_backward(grad_loss: Tensor, x_logits: Tensor, y_
                                          check_index: bool = True) -> tuple[Tensor, Tensor]:
     from solo_fast.kernels import decoupled_dice_loss as triton_kernels  # lazy, as above
 
-    tensors = {"x_logits": x_logits, "y_logits": y_logits, "pos_image": pos_image,
-               "pos_row": pos_row, "pos_col": pos_col, "target": target, "grad_loss": grad_loss,
-               "sums": sums}
-    sizes = _BACKWARD_CONTRACT.check(**tensors)
-    if check_index:
-        _BACKWARD_CONTRACT.check_ranges(sizes, **tensors)
+    _BACKWARD_CONTRACT.check(ranges=check_index, x_logits=x_logits, y_logits=y_logits,
+                             pos_image=pos_image, pos_row=pos_row, pos_col=pos_col, target=target,
+                             grad_loss=grad_loss, sums=sums)
     return triton_kernels.decoupled_dice_loss_backward(
         grad_loss, x_logits, y_logits, pos_image, pos_row, pos_col,
         op_target(target, x_logits.dtype), sums, eps)

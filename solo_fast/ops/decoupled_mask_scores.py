@@ -71,11 +71,10 @@ def decoupled_mask_scores(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: 
             when ``y_probs[n, i] * x_probs[n, j] > threshold``, compared in the inputs' dtype.
         backend: ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; None takes
             ``SOLO_FAST_BACKEND`` or the fastest tested backend for x_probs' device.
-        check_index: check that the indices lie in their ranges. The check reads their minima
-            and maxima (one device-to-host copy, a synchronisation on a GPU); it runs in the
-            backend that reads the indices (this function for the reference, the compiled or
-            Triton op otherwise). Pass False only for indices built in range (as the
-            post-processing builds them): out-of-range indices then read out of bounds.
+        check_index: check that image lies in [0, N) and row, col in [0, C): one device-to-host
+            copy of the six bounds (a synchronisation on a GPU), by whichever reads the indices
+            (here for the reference, else the compiled or Triton op). False: the caller built
+            them in range (the post-processing does); out-of-range indices read out of bounds.
 
     Returns:
         A :class:`~solo_fast.ops.MaskScores` on x_probs' device: area (K,) int64, the number of
@@ -121,10 +120,8 @@ def _decoupled_mask_scores_triton(x_probs: Tensor, y_probs: Tensor, image: Tenso
     # Lazy: Triton is optional, and imported only when its backend runs.
     from solo_fast.kernels import decoupled_mask_scores as triton_kernels
 
-    tensors = {"x_probs": x_probs, "y_probs": y_probs, "image": image, "row": row, "col": col}
-    sizes = _OP_CONTRACT.check(**tensors)
-    if check_index:
-        _OP_CONTRACT.check_ranges(sizes, **tensors)
+    _OP_CONTRACT.check(ranges=check_index, x_probs=x_probs, y_probs=y_probs, image=image, row=row,
+                       col=col)
     return triton_kernels.decoupled_mask_scores_triton(x_probs, y_probs, image, row, col,
                                                        threshold)
 

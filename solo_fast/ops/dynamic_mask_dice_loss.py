@@ -125,11 +125,8 @@ def _dynamic_mask_dice_loss_triton_forward(kernels: Tensor, mask_feats: Tensor, 
     # Lazy: Triton is optional, and imported only when its backend runs.
     from solo_fast.kernels import dynamic_mask_dice_loss as triton_kernels
 
-    tensors = {"kernels": kernels, "mask_feats": mask_feats, "pos_image": pos_image,
-               "target": target}
-    sizes = _OP_CONTRACT.check(**tensors)
-    if check_index:
-        _OP_CONTRACT.check_ranges(sizes, **tensors)
+    _OP_CONTRACT.check(ranges=check_index, kernels=kernels, mask_feats=mask_feats,
+                       pos_image=pos_image, target=target)
     return triton_kernels.dynamic_mask_dice_loss_forward(kernels, mask_feats, pos_image, target,
                                                          eps)
 
@@ -141,11 +138,8 @@ def _dynamic_mask_dice_loss_triton_backward(grad_loss: Tensor, kernels: Tensor,
                                             check_index: bool = True) -> tuple[Tensor, Tensor]:
     from solo_fast.kernels import dynamic_mask_dice_loss as triton_kernels  # lazy, as above
 
-    tensors = {"kernels": kernels, "mask_feats": mask_feats, "pos_image": pos_image,
-               "target": target, "grad_loss": grad_loss, "sums": sums}
-    sizes = _BACKWARD_CONTRACT.check(**tensors)
-    if check_index:
-        _BACKWARD_CONTRACT.check_ranges(sizes, **tensors)
+    _BACKWARD_CONTRACT.check(ranges=check_index, kernels=kernels, mask_feats=mask_feats,
+                             pos_image=pos_image, target=target, grad_loss=grad_loss, sums=sums)
     return triton_kernels.dynamic_mask_dice_loss_backward(grad_loss, kernels, mask_feats,
                                                           pos_image, target, sums, eps)
 

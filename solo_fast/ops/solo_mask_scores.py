@@ -67,11 +67,11 @@ def solo_mask_scores(mask_preds: Tensor, image: Tensor, channel: Tensor, *,
             ``mask_preds.sigmoid()``); False: probabilities, resized as given.
         backend: ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; None takes
             ``SOLO_FAST_BACKEND`` or the fastest tested backend for mask_preds' device.
-        check_index: check that the indices lie in their ranges. The check reads their minima
-            and maxima (one device-to-host copy, a synchronisation on a GPU); it runs in the
-            backend that reads the indices (this function for the reference, the compiled or
-            Triton op otherwise). Pass False only for indices built in range (as the
-            post-processing builds them): out-of-range indices then read out of bounds.
+        check_index: check that image lies in [0, N) and channel in [0, Q), reading their
+            bounds in one device-to-host copy (a synchronisation on a GPU) where they are read:
+            in this function for the reference backend, in the compiled or Triton op otherwise.
+            Pass False for indices built in range (as the post-processing builds them) to skip
+            the copy; out-of-range indices would then read out of bounds.
 
     Returns:
         A :class:`~solo_fast.ops.MaskScores` on mask_preds' device: area (K,) int64, the number
@@ -125,10 +125,7 @@ def _solo_mask_scores_triton(mask_preds: Tensor, image: Tensor, channel: Tensor,
     # Lazy: Triton is optional, and imported only when its backend runs.
     from solo_fast.kernels import solo_mask_scores as triton_kernels
 
-    tensors = {"mask_preds": mask_preds, "image": image, "channel": channel}
-    sizes = _OP_CONTRACT.check(**tensors)
-    if check_index:
-        _OP_CONTRACT.check_ranges(sizes, **tensors)
+    _OP_CONTRACT.check(ranges=check_index, mask_preds=mask_preds, image=image, channel=channel)
     return triton_kernels.solo_mask_scores_triton(mask_preds, image, channel, out_height,
                                                   out_width, threshold, logits)
 

@@ -187,3 +187,18 @@ def test_scoring_ops_return_mask_scores(backend):
     assert isinstance(result, MaskScores) and result.packed is None
     result = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend, pack_masks=True)
     assert isinstance(result, MaskScores) and result.packed.shape == (3, 1)
+
+
+@pytest.mark.parametrize("op", ["decoupled_mask_scores", "decoupled_mask_scores_triton"])
+def test_the_ops_check_ranges_with_the_public_message_and_skip_on_request(op):
+    """Called through torch.ops: a ValueError naming the index (csrc/op_checks.h for the compiled
+    op, the op contract for the Triton one); check_index=False gives the same scores."""
+    if op == "decoupled_mask_scores" and not has_ops():
+        pytest.fail("solo_fast._C is not built")
+    call = getattr(torch.ops.solo_fast, op)
+    x, y, image, row, col = make_decoupled_score_inputs(2, 3, (4, 5), 3)
+    x, y = x.reshape(2, 3, -1), y.reshape(2, 3, -1)
+    with pytest.raises(ValueError, match=r"row must lie in \[0, C\) = \[0, 3\), got values in "
+                                         r"\[0, 3\]"):
+        call(x, y, image, row.clone().fill_(3).index_fill_(0, torch.tensor([0]), 0), col, 0.5)
+    _same(call(x, y, image, row, col, 0.5, False), call(x, y, image, row, col, 0.5))
