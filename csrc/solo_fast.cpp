@@ -10,6 +10,10 @@
 #include <set>
 
 TORCH_LIBRARY(solo_fast, m) {
+  // Every op that takes index tensors ends with `bool check_index=True`: with it the op reads the
+  // indices' minimum and maximum (one device-to-host copy, a synchronisation on a GPU) and
+  // raises a ValueError for a value out of range; callers that built the indices themselves pass
+  // False, and the autograd backward passes False (its forward checked the same tensors).
   // pred: (N, P) logits or probabilities; target: (N, P) uint8 or pred's dtype.
   // Returns the loss (N,) in pred's dtype and the raw sums (N, 3) = [sum p*t, sum p*p, sum t*t]
   // in float64, kept for the backward.
@@ -25,11 +29,12 @@ TORCH_LIBRARY(solo_fast, m) {
   // dice_loss_forward; the backward returns (grad_x_logits, grad_y_logits), both (N, S, P).
   m.def(
       "decoupled_dice_loss_forward(Tensor x_logits, Tensor y_logits, Tensor pos_image, "
-      "Tensor pos_row, Tensor pos_col, Tensor target, float eps) -> (Tensor, Tensor)");
+      "Tensor pos_row, Tensor pos_col, Tensor target, float eps, bool check_index=True) "
+      "-> (Tensor, Tensor)");
   m.def(
       "decoupled_dice_loss_backward(Tensor grad_loss, Tensor x_logits, Tensor y_logits, "
-      "Tensor pos_image, Tensor pos_row, Tensor pos_col, Tensor target, Tensor sums, float eps) "
-      "-> (Tensor, Tensor)");
+      "Tensor pos_image, Tensor pos_row, Tensor pos_col, Tensor target, Tensor sums, float eps, "
+      "bool check_index=True) -> (Tensor, Tensor)");
   // Matrix NMS (SOLOv2), split so that the sorts, cuts and filter stay in Python (they define
   // the stable tie order). matrix_nms_pack: masks (n, H, W) bool or uint8 (nonzero = inside) ->
   // (n, words) int64, words = ceil(H*W / 64); bit b of word w is pixel 64 w + b of the row-major
@@ -56,10 +61,11 @@ TORCH_LIBRARY(solo_fast, m) {
   // returns (grad_kernels (K, E), grad_mask_feats (N, E, P)).
   m.def(
       "dynamic_mask_dice_loss_forward(Tensor kernels, Tensor mask_feats, Tensor pos_image, "
-      "Tensor target, float eps) -> (Tensor, Tensor)");
+      "Tensor target, float eps, bool check_index=True) -> (Tensor, Tensor)");
   m.def(
       "dynamic_mask_dice_loss_backward(Tensor grad_loss, Tensor kernels, Tensor mask_feats, "
-      "Tensor pos_image, Tensor target, Tensor sums, float eps) -> (Tensor, Tensor)");
+      "Tensor pos_image, Tensor target, Tensor sums, float eps, bool check_index=True) "
+      "-> (Tensor, Tensor)");
   // Candidate scoring at inference (SOLOv2 and Decoupled SOLO): per candidate k, the area of its
   // binary mask s > threshold and soft_sum = sum of s over that mask, without storing any s.
   // Returns area (K,) int64 and soft_sum (K,) float64. threshold is compared in the inputs' dtype.
@@ -71,13 +77,13 @@ TORCH_LIBRARY(solo_fast, m) {
   // is false it is an empty (0, ceil(P / 64)) int64 tensor and nothing is written.
   m.def(
       "dynamic_mask_scores(Tensor kernels, Tensor mask_feats, Tensor image, float threshold, "
-      "bool pack_masks) -> (Tensor, Tensor, Tensor)");
+      "bool pack_masks, bool check_index=True) -> (Tensor, Tensor, Tensor)");
   // decoupled_mask_scores: x_probs, y_probs (N, C, P) probabilities (the levels' upsampled
   // sigmoid maps concatenated along C) in one floating dtype; image, row, col (K,) int64;
   // s = y_probs[image[k], row[k]] * x_probs[image[k], col[k]].
   m.def(
       "decoupled_mask_scores(Tensor x_probs, Tensor y_probs, Tensor image, Tensor row, "
-      "Tensor col, float threshold) -> (Tensor, Tensor)");
+      "Tensor col, float threshold, bool check_index=True) -> (Tensor, Tensor)");
   // solo_mask_scores (vanilla SOLO): mask_preds (N, Q, h, w) contiguous, one level's channels,
   // logits (logits true) or probabilities; image (K,) int64 in [0, N), channel (K,) int64 in
   // [0, Q), any order, may repeat; out_height, out_width >= 1. s = bilinear resize
@@ -85,7 +91,7 @@ TORCH_LIBRARY(solo_fast, m) {
   // (or of the probabilities) to (out_height, out_width).
   m.def(
       "solo_mask_scores(Tensor mask_preds, Tensor image, Tensor channel, int out_height, "
-      "int out_width, float threshold, bool logits) -> (Tensor, Tensor)");
+      "int out_width, float threshold, bool logits, bool check_index=True) -> (Tensor, Tensor)");
 }
 
 namespace {

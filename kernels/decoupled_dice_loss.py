@@ -28,14 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dice_loss import (
-    PIXELS_PER_CHUNK,
-    _accumulation_dtype,
-    _device_guard,
-    _grid_layout,
-    _loss_from_sums,
-    _sigmoid_with_derivative,
-)
+from . import _common
+from ._common import sigmoid_with_derivative
+from .dice_loss import PIXELS_PER_CHUNK
 
 __all__ = ["BACKWARD_PIXELS_PER_CHUNK", "decoupled_dice_loss_backward",
            "decoupled_dice_loss_forward", "launch_config"]
@@ -43,8 +38,6 @@ __all__ = ["BACKWARD_PIXELS_PER_CHUNK", "decoupled_dice_loss_backward",
 # Pixels per backward program: each one walks all the positives of its row, so smaller chunks
 # than the forward's keep an H100 busy (40 rows x 27 chunks of a 200 x 272 map per launch).
 BACKWARD_PIXELS_PER_CHUNK = 2048
-
-_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
@@ -82,9 +75,9 @@ def _decoupled_dice_loss_fwd_kernel(
     for tile_begin in range(chunk_begin, chunk_end, BLOCK):
         offsets = tile_begin + lanes
         in_row = offsets < num_pixels
-        px, _ = _sigmoid_with_derivative(
+        px, _ = sigmoid_with_derivative(
             tl.load(x_row + offsets, mask=in_row, other=0).to(acc_dtype))
-        py, _ = _sigmoid_with_derivative(
+        py, _ = sigmoid_with_derivative(
             tl.load(y_row + offsets, mask=in_row, other=0).to(acc_dtype))
         # Padding lanes read z = 0, whose product 1/4 must not reach b.
         p = tl.where(in_row, py * px, 0.0)
@@ -134,14 +127,14 @@ def _decoupled_dice_loss_bwd_kernel(
         # A row without positives is not read: its gradient is exactly 0, even where its logits
         # are not finite (as the reference's scatter of nothing).
         own = tl.load(own_ptr + row_offset + offsets, mask=in_row & has_positives, other=0)
-        own_p, own_dp = _sigmoid_with_derivative(own.to(acc_dtype))
+        own_p, own_dp = sigmoid_with_derivative(own.to(acc_dtype))
         summed = tl.zeros([BLOCK], dtype=acc_dtype)
         for member in range(first, last):
             positive = tl.load(member_ptr + member)
             channel = tl.load(partner_channel_ptr + positive)
             partner_row = partner_ptr + (image * num_grids + channel) * num_pixels
             partner = tl.load(partner_row + offsets, mask=in_row, other=0).to(acc_dtype)
-            partner_p, _ = _sigmoid_with_derivative(partner)
+            partner_p, _ = sigmoid_with_derivative(partner)
             t = tl.load(target_ptr + positive * num_pixels + offsets, mask=in_row,
                         other=0).to(acc_dtype)
             coef_p = tl.load(coef_ptr + positive * 2)
@@ -166,43 +159,6 @@ def launch_config(dtype: torch.dtype, *, backward: bool) -> tuple[int, int]:
     """
     block = 512 if dtype == torch.float64 else 1024
     return block, (8 if backward else 4)
-
-
-def _check_inputs(x: Tensor, y: Tensor, pos_image: Tensor, pos_row: Tensor, pos_col: Tensor,
-                  target: Tensor, op: str) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"{op}: x_logits must be 3-D (N, S, P), got shape {tuple(x.shape)}")
-    if x.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"{op}: x_logits must be float16, bfloat16, float32 or float64, "
-                        f"got {x.dtype}")
-    if y.shape != x.shape or y.dtype != x.dtype:
-        raise ValueError(f"{op}: y_logits must have x_logits' shape {tuple(x.shape)} and dtype "
-                         f"{x.dtype}, got {tuple(y.shape)} {y.dtype}")
-    num_positives = pos_image.shape[0] if pos_image.dim() == 1 else -1
-    for name, index in (("pos_image", pos_image), ("pos_row", pos_row), ("pos_col", pos_col)):
-        if index.dim() != 1 or index.shape[0] != num_positives or index.dtype != torch.int64:
-            raise ValueError(f"{op}: {name} must be int64 of shape (K,) as pos_image "
-                             f"{tuple(pos_image.shape)}, got {index.dtype} {tuple(index.shape)}")
-    if target.shape != (num_positives, x.shape[2]):
-        raise ValueError(f"{op}: target must have shape (K, P) = ({num_positives}, "
-                         f"{x.shape[2]}), got {tuple(target.shape)}")
-    if target.dtype not in (torch.uint8, x.dtype):
-        raise TypeError(f"{op}: target must be uint8 or x_logits' dtype {x.dtype}, "
-                        f"got {target.dtype}")
-    for name, tensor in (("y_logits", y), ("pos_image", pos_image), ("pos_row", pos_row),
-                         ("pos_col", pos_col), ("target", target)):
-        if tensor.device != x.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but x_logits is on {x.device}")
-    if num_positives > 0:
-        # One device-to-host copy for the six bounds: no kernel may read out of bounds.
-        bounds = torch.stack([pos_image.min(), pos_image.max(), pos_row.min(), pos_row.max(),
-                              pos_col.min(), pos_col.max()]).tolist()
-        limits = (("pos_image", x.shape[0], "N"), ("pos_row", x.shape[1], "S"),
-                  ("pos_col", x.shape[1], "S"))
-        for (name, limit, letter), low, high in zip(limits, bounds[0::2], bounds[1::2]):
-            if low < 0 or high >= limit:
-                raise ValueError(f"{op}: {name} must lie in [0, {letter}) = [0, {limit}), got "
-                                 f"values in [{low}, {high}]")
 
 
 def _group_by_row(pos_image: Tensor, channel: Tensor, num_grids: int,
@@ -239,29 +195,28 @@ def decoupled_dice_loss_forward(x: Tensor, y: Tensor, pos_image: Tensor, pos_row
         sums: (K, 3) float64, ``[a, b, c]`` without eps.
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+        ValueError: a mask of 2^31 pixels or more (Triton's int32 offsets). The other rules,
+            index ranges included, are checked before: ``solo_fast.ops.decoupled_dice_loss``'s
+            contract.
     """
-    _check_inputs(x, y, pos_image, pos_row, pos_col, target, "decoupled_dice_loss_forward")
     x, y, target = x.contiguous(), y.contiguous(), target.contiguous()
     pos_image, pos_row, pos_col = pos_image.contiguous(), pos_row.contiguous(), pos_col.contiguous()
     num_grids, num_pixels = x.shape[1], x.shape[2]
     num_positives = pos_image.shape[0]
     if num_positives == 0 or num_pixels == 0:
-        sums = torch.zeros((num_positives, 3), dtype=torch.float64, device=x.device)
-        return _loss_from_sums(sums, eps).to(x.dtype), sums
+        return _common.loss_and_sums(_common.dice_partials(num_positives, 0, x), eps, x.dtype)
 
     default_block, num_warps = launch_config(x.dtype, backward=False)
     block = default_block if block is None else block
-    pixels_per_chunk, num_chunks = _grid_layout(
-        num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk)
-    partials = torch.empty((num_positives, num_chunks, 3), dtype=_accumulation_dtype(x),
-                           device=x.device)
-    with _device_guard(x):
+    pixels_per_chunk, num_chunks = _common.grid_layout(
+        num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
+        "decoupled_dice_loss")
+    partials = _common.dice_partials(num_positives, num_chunks, x)  # (K, chunks, 3)
+    with _common.device_guard(x):
         _decoupled_dice_loss_fwd_kernel[(num_positives, num_chunks)](
             x, y, pos_image, pos_row, pos_col, target, partials, num_grids, num_pixels,
             num_chunks, pixels_per_chunk, BLOCK=block, num_warps=num_warps)
-    sums = partials.to(torch.float64).sum(dim=1)
-    return _loss_from_sums(sums, eps).to(x.dtype), sums
+    return _common.loss_and_sums(partials, eps, x.dtype)
 
 
 def decoupled_dice_loss_backward(grad_loss: Tensor, x: Tensor, y: Tensor, pos_image: Tensor,
@@ -282,17 +237,12 @@ def decoupled_dice_loss_backward(grad_loss: Tensor, x: Tensor, y: Tensor, pos_im
         (grad_x, grad_y), each (N, S, P) in x's dtype; rows no positive uses are 0.
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+        ValueError: a mask of 2^31 pixels or more (Triton's int32 offsets). The other rules,
+            index ranges included, are checked before: ``solo_fast.ops.decoupled_dice_loss``'s
+            contract.
     """
-    _check_inputs(x, y, pos_image, pos_row, pos_col, target, "decoupled_dice_loss_backward")
     num_images, num_grids, num_pixels = x.shape
     num_positives = pos_image.shape[0]
-    if grad_loss.shape != (num_positives,):
-        raise ValueError(f"decoupled_dice_loss_backward: grad_loss must have shape "
-                         f"({num_positives},), got {tuple(grad_loss.shape)}")
-    if sums.shape != (num_positives, 3):
-        raise ValueError(f"decoupled_dice_loss_backward: sums must have shape "
-                         f"({num_positives}, 3), got {tuple(sums.shape)}")
     x, y, target = x.contiguous(), y.contiguous(), target.contiguous()
     if num_positives == 0:
         return torch.zeros_like(x), torch.zeros_like(y)
@@ -301,23 +251,19 @@ def decoupled_dice_loss_backward(grad_loss: Tensor, x: Tensor, y: Tensor, pos_im
     if num_pixels == 0:
         return grad_x, grad_y
 
-    # The coefficients are formed once per positive in float64, in the C++ kernels' order.
-    a, b, c = sums.to(torch.float64).unbind(1)
-    g = grad_loss.to(torch.float64)
-    inv_denominator = 1 / ((b + eps) + (c + eps))
-    coef_p = g * 4 * a * inv_denominator * inv_denominator
-    coef_t = g * 2 * inv_denominator
-    coefs = torch.stack((coef_p, coef_t), dim=1).to(_accumulation_dtype(x)).contiguous()  # (K, 2)
+    coefs = _common.dice_coefficients(grad_loss, sums, eps,
+                                      _common.accumulation_dtype(x.dtype))  # (K, 2)
 
     num_rows = num_images * num_grids
     default_block, num_warps = launch_config(x.dtype, backward=True)
     block = default_block if block is None else block
-    pixels_per_chunk, num_chunks = _grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, block,
-        BACKWARD_PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk)
+        BACKWARD_PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
+        "decoupled_dice_loss")
     # X rows are grouped by column and take their partner from Y's rows; Y the other way round.
     sides = ((x, y, pos_col, pos_row, grad_x), (y, x, pos_row, pos_col, grad_y))
-    with _device_guard(x):
+    with _common.device_guard(x):
         for own, partner, own_channel, partner_channel, grad in sides:
             group_start, member = _group_by_row(pos_image, own_channel, num_grids, num_rows)
             _decoupled_dice_loss_bwd_kernel[(num_rows, num_chunks)](

@@ -19,23 +19,19 @@ for operation).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["PIXELS_PER_CHUNK", "decoupled_mask_scores", "launch_config"]
+from ._common import device_guard, grid_layout, threshold_tensor
+
+__all__ = ["PIXELS_PER_CHUNK", "decoupled_mask_scores_triton", "launch_config"]
 
 # Pixels per program (8 tiles of float32): 1,000 candidates of a 200 x 272 map are 7,000
 # programs, 100 candidates still 700 (five per SM of an H100), while each program's partial write
 # and final reduction stay small next to its 64 KB of reads.
 PIXELS_PER_CHUNK = 8192
-# Grid axis 1 (chunks) is limited to 65535 programs by CUDA.
-_MAX_GRID_Y = 65535
-
-_PROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
@@ -98,55 +94,9 @@ def launch_config(dtype: torch.dtype) -> tuple[int, int]:
     return (512 if dtype == torch.float64 else 1024), 4
 
 
-def _check_inputs(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: Tensor,
-                  col: Tensor) -> None:
-    op = "decoupled_mask_scores"
-    if x_probs.dim() not in (3, 4):
-        raise ValueError(f"{op}: x_probs must be (N, C, P) or (N, C, H, W), got shape "
-                         f"{tuple(x_probs.shape)}")
-    if x_probs.dtype not in _PROB_DTYPES:
-        raise TypeError(f"{op}: x_probs must be float16, bfloat16, float32 or float64, "
-                        f"got {x_probs.dtype}")
-    if y_probs.shape != x_probs.shape or y_probs.dtype != x_probs.dtype:
-        raise ValueError(f"{op}: y_probs must have x_probs' shape {tuple(x_probs.shape)} and "
-                         f"dtype {x_probs.dtype}, got {tuple(y_probs.shape)} {y_probs.dtype}")
-    num_candidates = image.shape[0] if image.dim() == 1 else -1
-    for name, index in (("image", image), ("row", row), ("col", col)):
-        if index.dim() != 1 or index.shape[0] != num_candidates or index.dtype != torch.int64:
-            raise ValueError(f"{op}: {name} must be int64 of shape (K,) as image "
-                             f"{tuple(image.shape)}, got {index.dtype} {tuple(index.shape)}")
-    for name, tensor in (("y_probs", y_probs), ("image", image), ("row", row), ("col", col)):
-        if tensor.device != x_probs.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but x_probs is on "
-                             f"{x_probs.device}")
-    if num_candidates > 0:
-        # One device-to-host copy for the six bounds: no program may read out of bounds.
-        bounds = torch.stack([image.min(), image.max(), row.min(), row.max(), col.min(),
-                              col.max()]).tolist()
-        limits = (("image", x_probs.shape[0], "N"), ("row", x_probs.shape[1], "C"),
-                  ("col", x_probs.shape[1], "C"))
-        for (name, limit, letter), low, high in zip(limits, bounds[0::2], bounds[1::2]):
-            if low < 0 or high >= limit:
-                raise ValueError(f"{op}: {name} must lie in [0, {letter}) = [0, {limit}), got "
-                                 f"values in [{low}, {high}]")
-
-
-def _grid_layout(num_pixels: int, block: int, pixels_per_chunk: int) -> tuple[int, int]:
-    """(pixels_per_chunk, num_chunks) for rows of ``num_pixels`` > 0 pixels."""
-    if block <= 0 or block & (block - 1):
-        raise ValueError(f"block must be a power of two, got {block}")
-    # Whole tiles per chunk, and bigger chunks rather than a grid CUDA refuses.
-    pixels_per_chunk = max(pixels_per_chunk, -(-num_pixels // _MAX_GRID_Y))
-    pixels_per_chunk = max(block, -(-pixels_per_chunk // block) * block)
-    if num_pixels + pixels_per_chunk >= 2**31:
-        raise ValueError(f"decoupled_mask_scores (triton): at most "
-                         f"{2**31 - 1 - pixels_per_chunk} pixels per mask, got {num_pixels}")
-    return pixels_per_chunk, -(-num_pixels // pixels_per_chunk)
-
-
-def decoupled_mask_scores(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: Tensor,
-                          col: Tensor, threshold: float, *, block: int | None = None,
-                          pixels_per_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+def decoupled_mask_scores_triton(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: Tensor,
+                                 col: Tensor, threshold: float, *, block: int | None = None,
+                                 pixels_per_chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """Area and soft sum of every candidate's thresholded product mask, without storing it.
 
     Args:
@@ -169,9 +119,10 @@ def decoupled_mask_scores(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: 
             summed in a fixed order).
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+        ValueError: a mask of 2^31 pixels or more (Triton's int32 offsets). The other rules,
+            index ranges included, are checked before: ``solo_fast.ops.decoupled_mask_scores``'s
+            contract.
     """
-    _check_inputs(x_probs, y_probs, image, row, col)
     num_images, num_channels = x_probs.shape[:2]
     num_pixels = x_probs.shape[2:].numel()
     x = x_probs.reshape(num_images, num_channels, num_pixels).contiguous()  # (N, C, P)
@@ -184,15 +135,13 @@ def decoupled_mask_scores(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: 
 
     default_block, num_warps = launch_config(x.dtype)
     block = default_block if block is None else block
-    pixels_per_chunk, num_chunks = _grid_layout(
-        num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk)
-    # Rounded as csrc/dynamic_mask_scores.h's threshold_as: to the compute dtype, then the input's.
-    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    threshold_t = torch.tensor([threshold], dtype=compute_dtype, device=device).to(x.dtype)  # (1,)
+    pixels_per_chunk, num_chunks = grid_layout(
+        num_pixels, block, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
+        "decoupled_mask_scores")
+    threshold_t = threshold_tensor(threshold, x.dtype, device)  # (1,)
     partial_area = torch.empty((num_candidates, num_chunks), dtype=torch.int32, device=device)
     partial_soft = torch.empty((num_candidates, num_chunks), dtype=torch.float64, device=device)
-    guard = torch.cuda.device(device) if x.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(x):
         _decoupled_mask_scores_kernel[(num_candidates, num_chunks)](
             x, y, image.contiguous(), row.contiguous(), col.contiguous(), threshold_t,
             partial_area, partial_soft, num_channels, num_pixels, num_chunks, pixels_per_chunk,

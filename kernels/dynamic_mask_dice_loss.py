@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dice_loss import _device_guard, _grid_layout, _loss_from_sums, _sigmoid_with_derivative
+from . import _common
+from ._common import sigmoid_with_derivative
 
 __all__ = ["BACKWARD_PIXELS_PER_CHUNK", "PIXELS_PER_CHUNK", "dynamic_mask_dice_loss_backward",
            "dynamic_mask_dice_loss_forward", "launch_config"]
@@ -47,9 +48,6 @@ __all__ = ["BACKWARD_PIXELS_PER_CHUNK", "PIXELS_PER_CHUNK", "dynamic_mask_dice_l
 # (K, C, E) kernel-gradient partials small (3 MB).
 PIXELS_PER_CHUNK = 2048
 BACKWARD_PIXELS_PER_CHUNK = 4096
-
-_FEAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 @triton.jit
 def _dmd_fwd_kernel(
@@ -101,7 +99,7 @@ def _dmd_fwd_kernel(
             f = tl.load(image_feats + channels[:, None] * num_pixels + pixels[None, :],
                         mask=channel_valid[:, None] & pixel_valid[None, :], other=0)
             z += tl.dot(w.to(acc_dtype), f.to(acc_dtype), input_precision="ieee")
-        p, _ = _sigmoid_with_derivative(z)
+        p, _ = sigmoid_with_derivative(z)
         valid = row_valid[:, None] & pixel_valid[None, :]
         # Padding pixels have z = 0, whose p = 1/2 must not reach b.
         p = tl.where(valid, p, 0.0)
@@ -121,7 +119,7 @@ def _dmd_grad_logits(w, f, target_rows, coef_ptr, positive, valid, pixels, acc_d
     """dL/dz of a (positives x pixels) tile: w (BLOCK_K, E_PAD) and f (E_PAD, BLOCK_P) in acc_dtype;
     0 outside ``valid``."""
     z = tl.dot(w, f, input_precision="ieee")
-    p, dp = _sigmoid_with_derivative(z)
+    p, dp = sigmoid_with_derivative(z)
     t = tl.load(target_rows[:, None] + pixels[None, :], mask=valid, other=0).to(acc_dtype)
     coef_p = tl.load(coef_ptr + positive * 2)
     coef_t = tl.load(coef_ptr + positive * 2 + 1)
@@ -231,11 +229,6 @@ def _dmd_bwd_kernels_kernel(
 # Host launchers
 
 
-def _accumulation_dtype(kernels: Tensor) -> torch.dtype:
-    # float64 end to end for float64 inputs, so that gradcheck sees float64 rounding.
-    return torch.float64 if kernels.dtype == torch.float64 else torch.float32
-
-
 def launch_config(dtype: torch.dtype, num_channels: int, *, kernel: str) -> dict[str, int]:
     """Tile sizes and warps of one kernel ("forward", "feats" or "kernels") for inputs of ``dtype``.
 
@@ -265,42 +258,11 @@ def launch_config(dtype: torch.dtype, num_channels: int, *, kernel: str) -> dict
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _check_inputs(kernels: Tensor, feats: Tensor, pos_image: Tensor, target: Tensor,
-                  op: str) -> None:
-    if kernels.dim() != 2:
-        raise ValueError(f"{op}: kernels must be 2-D (K, E), got shape {tuple(kernels.shape)}")
-    if kernels.dtype not in _FEAT_DTYPES:
-        raise TypeError(f"{op}: kernels must be float16, bfloat16, float32 or float64, "
-                        f"got {kernels.dtype}")
-    if feats.dim() != 3 or feats.shape[1] != kernels.shape[1]:
-        raise ValueError(f"{op}: mask_feats must be 3-D (N, E, P) with E = {kernels.shape[1]}, "
-                         f"got shape {tuple(feats.shape)}")
-    if feats.dtype != kernels.dtype:
-        raise TypeError(f"{op}: mask_feats must have kernels' dtype {kernels.dtype}, "
-                        f"got {feats.dtype}")
-    num_positives = kernels.shape[0]
-    if pos_image.shape != (num_positives,) or pos_image.dtype != torch.int64:
-        raise ValueError(f"{op}: pos_image must be int64 of shape (K,) = ({num_positives},), "
-                         f"got {pos_image.dtype} {tuple(pos_image.shape)}")
-    if target.shape != (num_positives, feats.shape[2]):
-        raise ValueError(f"{op}: target must have shape (K, P) = ({num_positives}, "
-                         f"{feats.shape[2]}), got {tuple(target.shape)}")
-    if target.dtype not in (torch.uint8, torch.bool, kernels.dtype):
-        raise TypeError(f"{op}: target must be uint8, bool or kernels' dtype {kernels.dtype}, "
-                        f"got {target.dtype}")
-    for name, tensor in (("mask_feats", feats), ("pos_image", pos_image), ("target", target)):
-        if tensor.device != kernels.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but kernels is on "
-                             f"{kernels.device}")
+def _check_feature_offsets(feats: Tensor) -> None:
+    # The kernels offset inside one image's features with int32 (the image offset is int64).
     if feats.shape[1] * feats.shape[2] >= 2**31:
-        raise ValueError(f"{op}: one image's features must hold under 2^31 elements, got "
-                         f"E x P = {feats.shape[1]} x {feats.shape[2]}")
-    if num_positives > 0:
-        # One device-to-host copy for both bounds: no kernel may read out of bounds.
-        low, high = torch.stack([pos_image.min(), pos_image.max()]).tolist()
-        if low < 0 or high >= feats.shape[0]:
-            raise ValueError(f"{op}: pos_image must lie in [0, N) = [0, {feats.shape[0]}), got "
-                             f"values in [{low}, {high}]")
+        raise ValueError(f"dynamic_mask_dice_loss (triton): one image's features must hold under "
+                         f"2^31 elements, got E x P = {feats.shape[1]} x {feats.shape[2]}")
 
 
 def _positive_blocks(pos_image: Tensor, num_images: int,
@@ -360,31 +322,32 @@ def dynamic_mask_dice_loss_forward(kernels: Tensor, mask_feats: Tensor, pos_imag
         sums: (K, 3) float64, ``[a, b, c]`` without eps.
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+        ValueError: one image's features hold 2^31 elements or more (Triton's int32 offsets).
+            The other rules, pos_image's range included, are checked before:
+            ``solo_fast.ops.dynamic_mask_dice_loss``'s contract.
     """
-    _check_inputs(kernels, mask_feats, pos_image, target, "dynamic_mask_dice_loss_forward")
+    _check_feature_offsets(mask_feats)
     kernels, mask_feats = kernels.contiguous(), mask_feats.contiguous()
     target, pos_image = _as_target(target.contiguous()), pos_image.contiguous()
     num_images, num_channels, num_pixels = mask_feats.shape
     num_positives = kernels.shape[0]
     if num_positives == 0 or num_pixels == 0:
-        sums = torch.zeros((num_positives, 3), dtype=torch.float64, device=kernels.device)
-        return _loss_from_sums(sums, eps).to(kernels.dtype), sums
+        empty = _common.dice_partials(num_positives, 0, kernels)  # (K, 0, 3)
+        return _common.loss_and_sums(empty, eps, kernels.dtype)
 
     config = launch_config(kernels.dtype, num_channels, kernel="forward")
     block_k, block_p = config["BLOCK_K"], config["BLOCK_P"]
-    pixels_per_chunk, num_chunks = _grid_layout(
-        num_pixels, block_p, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk)
+    pixels_per_chunk, num_chunks = _common.grid_layout(
+        num_pixels, block_p, PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
+        "dynamic_mask_dice_loss")
     member, _, block_first, block_count, block_image = _positive_blocks(
         pos_image, num_images, block_k)
-    partials = torch.empty((num_positives, num_chunks, 3), dtype=_accumulation_dtype(kernels),
-                           device=kernels.device)
-    with _device_guard(kernels):
+    partials = _common.dice_partials(num_positives, num_chunks, kernels)  # (K, chunks, 3)
+    with _common.device_guard(kernels):
         _dmd_fwd_kernel[(block_first.shape[0], num_chunks)](
             kernels, mask_feats, member, block_first, block_count, block_image, target, partials,
             num_channels, num_pixels, num_chunks, pixels_per_chunk, **config)
-    sums = partials.to(torch.float64).sum(dim=1)
-    return _loss_from_sums(sums, eps).to(kernels.dtype), sums
+    return _common.loss_and_sums(partials, eps, kernels.dtype)
 
 
 def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_feats: Tensor,
@@ -406,22 +369,17 @@ def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_fea
         without positives get 0. 16-bit inputs are computed on float32 copies.
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+        ValueError: one image's features hold 2^31 elements or more (Triton's int32 offsets).
+            The other rules, pos_image's range included, are checked before:
+            ``solo_fast.ops.dynamic_mask_dice_loss``'s contract.
     """
-    op = "dynamic_mask_dice_loss_backward"
-    _check_inputs(kernels, mask_feats, pos_image, target, op)
+    _check_feature_offsets(mask_feats)
     num_images, num_channels, num_pixels = mask_feats.shape
     num_positives = kernels.shape[0]
-    if grad_loss.shape != (num_positives,) or not grad_loss.dtype.is_floating_point:
-        raise ValueError(f"{op}: grad_loss must be floating of shape ({num_positives},), got "
-                         f"{grad_loss.dtype} {tuple(grad_loss.shape)}")
-    if sums.shape != (num_positives, 3):
-        raise ValueError(f"{op}: sums must be the (K, 3) = ({num_positives}, 3) tensor returned by "
-                         f"dynamic_mask_dice_loss_forward, got {tuple(sums.shape)}")
     if num_positives == 0 or num_pixels == 0:
         return torch.zeros_like(kernels), torch.zeros_like(mask_feats)
     out_dtype = kernels.dtype
-    acc_dtype = _accumulation_dtype(kernels)
+    acc_dtype = _common.accumulation_dtype(kernels.dtype)
     # 16-bit inputs: the float32 kernels on float32 copies (see launch_config), results cast back.
     kernels = kernels.to(acc_dtype).contiguous()  # (K, E)
     mask_feats = mask_feats.to(acc_dtype).contiguous()  # (N, E, P)
@@ -429,26 +387,21 @@ def dynamic_mask_dice_loss_backward(grad_loss: Tensor, kernels: Tensor, mask_fea
     if target.dtype not in (torch.uint8, acc_dtype):
         target = target.to(acc_dtype)
 
-    # The coefficients are formed once per positive in float64, as the other dice kernels do.
-    a, b, c = sums.to(torch.float64).unbind(1)
-    g = grad_loss.to(torch.float64)
-    inv_denominator = 1 / ((b + eps) + (c + eps))
-    coef_p = g * 4 * a * inv_denominator * inv_denominator
-    coef_t = g * 2 * inv_denominator
-    coefs = torch.stack((coef_p, coef_t), dim=1).to(acc_dtype).contiguous()  # (K, 2)
+    coefs = _common.dice_coefficients(grad_loss, sums, eps, acc_dtype)  # (K, 2)
 
     feats_config = launch_config(kernels.dtype, num_channels, kernel="feats")
     kernels_config = launch_config(kernels.dtype, num_channels, kernel="kernels")
-    pixels_per_chunk, num_chunks = _grid_layout(
+    pixels_per_chunk, num_chunks = _common.grid_layout(
         num_pixels, kernels_config["BLOCK_P"],
-        BACKWARD_PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk)
+        BACKWARD_PIXELS_PER_CHUNK if pixels_per_chunk is None else pixels_per_chunk,
+        "dynamic_mask_dice_loss")
     member, group_start, block_first, block_count, block_image = _positive_blocks(
         pos_image, num_images, kernels_config["BLOCK_K"])
     grad_feats = torch.empty_like(mask_feats)
     partials = torch.empty((num_positives, num_chunks, num_channels), dtype=acc_dtype,
                            device=kernels.device)  # (K, C, E)
     num_tiles = -(-num_pixels // feats_config["BLOCK_P"])
-    with _device_guard(kernels):
+    with _common.device_guard(kernels):
         if num_channels > 0:
             _dmd_bwd_feats_kernel[(num_images * num_tiles,)](
                 kernels, mask_feats, member, group_start, target, coefs, grad_feats,

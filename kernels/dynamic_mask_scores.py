@@ -38,58 +38,27 @@ a few ulp of the threshold.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dice_loss import _exp_nonpositive
+from ._common import MAX_PROGRAMS, device_guard, soft_from_logit, threshold_tensor
 
-__all__ = ["dynamic_mask_scores", "launch_config"]
+__all__ = ["dynamic_mask_scores_triton", "launch_config"]
 
-# CUDA's limit on grid axis 0: programs = T * Q.
-_MAX_PROGRAMS = 2**31 - 1
-
-_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Pixels per packed word (int64), as matrix_nms_pack.
 _WORD_BITS = 64
 
 
 @triton.jit
-def _soft_from_logit(z):
-    """csrc/dynamic_mask_scores.h's soft_from_logit: sigmoid(z) as torch stores it.
-
-    z is in the input dtype; s comes back in the compute dtype (float32 for float16/bfloat16,
-    rounded to their dtype as torch stores it). For z >= 0, s = 1 / (1 + e) with
-    e = exp(-z) from the C++ kernels' exp polynomial; for z < 0 the equal e / (1 + e) with
-    e = exp(z); 0 where torch's float exp(-z) overflows. Shared with kernels/solo_mask_scores.py.
-    """
-    if z.dtype == tl.float64:
-        zc = z
-    else:
-        zc = z.to(tl.float32)
-    negative = zc < 0
-    e = _exp_nonpositive(tl.where(negative, zc, -zc))
-    numerator = tl.where(negative, e, 1.0)
-    if zc.dtype == tl.float64:
-        s = numerator / (1.0 + e)
-    else:
-        # The IEEE division, as C++ and CUDA divide: Triton's `/` on float32 is a 2-ulp one.
-        s = tl.math.div_rn(numerator, 1.0 + e)
-        s = tl.where(zc < -88.7228394, 0.0, s)
-    return s.to(z.dtype).to(zc.dtype)
-
-
-@triton.jit
 def _soft_above(z, threshold):
     """(s, s > threshold): csrc/dynamic_mask_scores.h's soft_from_logit and in_mask.
 
-    threshold is in the compute dtype (as _soft_from_logit's s).
+    threshold is in the compute dtype (as soft_from_logit's s).
     """
-    s = _soft_from_logit(z)
+    s = soft_from_logit(z)
     return s, s > threshold
 
 
@@ -185,41 +154,16 @@ def launch_config(dtype: torch.dtype) -> dict[str, object]:
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     # fp16/bf16 tiles go to the tensor cores unchanged; "ieee" only means something for float32.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _check_inputs(kernels: Tensor, mask_feats: Tensor, image: Tensor) -> None:
-    op = "dynamic_mask_scores"
-    if kernels.dim() != 2:
-        raise ValueError(f"{op}: kernels must be 2-D (K, E), got shape {tuple(kernels.shape)}")
-    if kernels.dtype not in _FEATURE_DTYPES:
-        raise TypeError(f"{op}: kernels must be float16, bfloat16, float32 or float64, "
-                        f"got {kernels.dtype}")
-    if mask_feats.dim() not in (3, 4) or mask_feats.shape[1] != kernels.shape[1]:
-        raise ValueError(f"{op}: mask_feats must be (N, E, P) or (N, E, H, W) with E = "
-                         f"{kernels.shape[1]}, got shape {tuple(mask_feats.shape)}")
-    if mask_feats.dtype != kernels.dtype:
-        raise TypeError(f"{op}: mask_feats must have kernels' dtype {kernels.dtype}, "
-                        f"got {mask_feats.dtype}")
-    if image.dim() != 1 or image.shape[0] != kernels.shape[0] or image.dtype != torch.int64:
-        raise ValueError(f"{op}: image must be int64 of shape (K,) = ({kernels.shape[0]},), "
-                         f"got {image.dtype} {tuple(image.shape)}")
-    for name, tensor in (("mask_feats", mask_feats), ("image", image)):
-        if tensor.device != kernels.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but kernels is on "
-                             f"{kernels.device}")
-
-
-def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, threshold: float,
-                        pack_masks: bool = False, *, block_m: int | None = None,
-                        block_n: int | None = None,
-                        block_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def dynamic_mask_scores_triton(kernels: Tensor, mask_feats: Tensor, image: Tensor,
+                               threshold: float, pack_masks: bool = False, *,
+                               check_index: bool = True, block_m: int | None = None,
+                               block_n: int | None = None,
+                               block_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Area and soft sum of every candidate's thresholded soft mask, without storing soft masks.
 
     Args:
@@ -229,6 +173,8 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
         image: (K,) int64 in [0, N): the image of each candidate, in any order.
         threshold: s counts where ``s > threshold`` (compared in kernels' dtype, as torch does).
         pack_masks: also return the binary masks, bit-packed (the op schema's positional flag).
+        check_index: check that image lies in [0, N), in the device-to-host copy that reads the
+            grid size anyway; False: the caller built image in range.
         block_m, block_n, block_k: tile sizes (powers of two, at least 16; block_n at least 64
             with ``pack_masks``); None: ``launch_config``'s. For tests.
 
@@ -243,9 +189,10 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
             empty (0, Wd).
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+        ValueError: image out of range (with ``check_index``), tiles that do not fit the mask
+            or CUDA's grid. The other rules are checked before:
+            ``solo_fast.ops.dynamic_mask_scores``'s contract.
     """
-    _check_inputs(kernels, mask_feats, image)
     num_candidates, num_channels = kernels.shape
     num_images = mask_feats.shape[0]
     num_pixels = mask_feats.shape[2:].numel()
@@ -278,10 +225,13 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
     tiles = (segment.diff() + block_m - 1) // block_m  # (N,)
     # One device-to-host copy: the index bounds (no program may read out of bounds) and the
     # number of candidate tiles (the grid).
-    low, high, num_tiles = torch.stack([image.min(), image.max(), tiles.sum()]).tolist()
-    if low < 0 or high >= num_images:
-        raise ValueError(f"dynamic_mask_scores: image must lie in [0, N) = [0, {num_images}), "
-                         f"got values in [{low}, {high}]")
+    if check_index:
+        low, high, num_tiles = torch.stack([image.min(), image.max(), tiles.sum()]).tolist()
+        if low < 0 or high >= num_images:
+            raise ValueError(f"dynamic_mask_scores: image must lie in [0, N) = [0, {num_images}),"
+                             f" got values in [{low}, {high}]")
+    else:
+        num_tiles = int(tiles.sum())
     if num_pixels == 0:
         return area, soft_sum, packed
     tile_image = torch.repeat_interleave(
@@ -291,21 +241,18 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, thre
     row_begin = (segment[tile_image] + local * block_m).contiguous()  # (T,)
     row_end = segment[tile_image + 1].contiguous()  # (T,)
     sorted_kernels = kernels.index_select(0, order).contiguous()  # (K, E)
-    # Rounded as csrc/dynamic_mask_scores.h's threshold_as: to the compute dtype, then the input's.
-    threshold_t = torch.tensor([threshold], dtype=_compute_dtype(kernels.dtype),
-                               device=device).to(kernels.dtype)  # (1,)
+    threshold_t = threshold_tensor(threshold, kernels.dtype, device)  # (1,)
 
     num_pixel_tiles = -(-num_pixels // block_n)
-    if num_tiles * num_pixel_tiles > _MAX_PROGRAMS:
+    if num_tiles * num_pixel_tiles > MAX_PROGRAMS:
         raise ValueError(f"dynamic_mask_scores (triton): {num_tiles} candidate tiles x "
-                         f"{num_pixel_tiles} pixel tiles is more than CUDA's {_MAX_PROGRAMS} "
+                         f"{num_pixel_tiles} pixel tiles is more than CUDA's {MAX_PROGRAMS} "
                          f"programs; score the candidates in smaller batches")
     partial_area = torch.empty((num_candidates, num_pixel_tiles), dtype=torch.int32,
                                device=device)  # (K, Q)
     partial_soft = torch.empty((num_candidates, num_pixel_tiles), dtype=torch.float64,
                                device=device)  # (K, Q)
-    guard = torch.cuda.device(device) if kernels.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(kernels):
         _dynamic_mask_scores_kernel[(num_tiles * num_pixel_tiles,)](
             sorted_kernels, feats, tile_image.contiguous(), row_begin, row_end, threshold_t,
             partial_area, partial_soft, order, packed, num_channels, num_pixels, num_tiles,

@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from .dice_loss import _device_guard
+from ._common import device_guard
 
 __all__ = ["GAUSSIAN", "LINEAR", "matrix_nms_decay", "matrix_nms_pack"]
 
@@ -316,17 +316,13 @@ def matrix_nms_pack(masks: Tensor) -> Tensor:
         flattened mask; the bits past H * W are zero.
 
     Raises:
-        TypeError, ValueError: masks not 3-D, not bool / uint8, or of 2^31 pixels or more.
+        ValueError: masks of 2^31 pixels or more (Triton's int32 offsets). The other rules are
+            checked before: ``solo_fast.ops.matrix_nms``'s op contract.
     """
-    if masks.dim() != 3:
-        raise ValueError(f"matrix_nms_pack: masks must be 3-D (N, H, W), got shape "
-                         f"{tuple(masks.shape)}")
-    if masks.dtype not in (torch.bool, torch.uint8):
-        raise TypeError(f"matrix_nms_pack: masks must be bool or uint8, got {masks.dtype}")
     num, height, width = masks.shape
     num_pixels = height * width
     if num_pixels >= 2**31:
-        raise ValueError(f"matrix_nms_pack: masks must have fewer than 2^31 pixels, got "
+        raise ValueError(f"matrix_nms_pack (triton): masks must have fewer than 2^31 pixels, got "
                          f"{height} x {width}")
     num_words = triton.cdiv(num_pixels, 64)
     packed = torch.empty((num, num_words), dtype=torch.int64, device=masks.device)  # (N, WD)
@@ -335,48 +331,11 @@ def matrix_nms_pack(masks: Tensor) -> Tensor:
     flat = masks.reshape(num, num_pixels).contiguous()  # (N, P)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)  # bool storage is one byte, 0 or 1
-    with _device_guard(masks):
+    with device_guard(masks):
         _matrix_nms_pack_kernel[(triton.cdiv(num * num_words, PACK_WORDS),)](
             flat, packed, num_pixels, num_words, num * num_words, BLOCK_WORDS=PACK_WORDS,
             num_warps=4)
     return packed
-
-
-def _check_decay_inputs(packed: Tensor, labels: Tensor, areas: Tensor, segments: Tensor,
-                        kernel: int) -> None:
-    op = "matrix_nms_decay"
-    if packed.dim() != 2 or packed.dtype != torch.int64:
-        raise ValueError(f"{op}: packed must be a 2-D int64 (N, words) tensor from "
-                         f"matrix_nms_pack, got {packed.dtype} of shape {tuple(packed.shape)}")
-    num = packed.shape[0]
-    if labels.dim() != 1 or labels.shape[0] != num or labels.dtype != torch.int64:
-        raise ValueError(f"{op}: labels must be int64 of shape ({num},), one per packed row, got "
-                         f"{labels.dtype} of shape {tuple(labels.shape)}")
-    if areas.dim() != 1 or areas.shape[0] != num:
-        raise ValueError(f"{op}: areas must have shape ({num},), one per packed row, got "
-                         f"{tuple(areas.shape)}")
-    if areas.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: areas must be float32 or float64, got {areas.dtype}")
-    if segments.dim() != 1 or segments.shape[0] < 1 or segments.dtype != torch.int64:
-        raise ValueError(f"{op}: segments must be 1-D int64 offsets (B + 1,) with B >= 0, got "
-                         f"{segments.dtype} of shape {tuple(segments.shape)}")
-    if kernel not in (GAUSSIAN, LINEAR):
-        raise ValueError(f"{op}: kernel must be {GAUSSIAN} (gaussian) or {LINEAR} (linear), "
-                         f"got {kernel}")
-    for name, tensor in (("labels", labels), ("areas", areas), ("segments", segments)):
-        if tensor.device != packed.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but packed is on "
-                             f"{packed.device}; move both to the same device")
-    if segments.is_cuda:
-        # Their values are data: reading them would synchronise. Offsets that do not partition
-        # [0, N) give a wrong grouping but no access out of bounds (searchsorted stays in range).
-        return
-    ok = (segments[0] == 0) & (segments[-1] == num)
-    if segments.shape[0] > 1:
-        ok &= (segments[1:] >= segments[:-1]).all()
-    if not bool(ok):
-        raise ValueError(f"{op}: segments must be nondecreasing offsets from 0 to N = {num}, got "
-                         f"{segments.tolist()}")
 
 
 def _group_positions(labels: Tensor, segments: Tensor) -> tuple[Tensor, Tensor]:
@@ -419,12 +378,8 @@ def matrix_nms_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Te
         of f(iou_ij) / f(comp_i)), comp_i = max(0, max over such k < i of iou_ki), with the
         linear kernel's 0/0 -> 0 and NaN propagating as in ``matrix_nms_reference``.
 
-    Raises:
-        TypeError, ValueError: a dtype, shape, device or kernel breaks the contract above, or
-            (CPU tensors only, where reading them costs no synchronisation) the segment offsets
-            do not run from 0 to N without decreasing.
+    The arguments were checked before: ``solo_fast.ops.matrix_nms``'s op contract.
     """
-    _check_decay_inputs(packed, labels, areas, segments, kernel)
     num, num_words = packed.shape
     decay = torch.empty(num, dtype=areas.dtype, device=packed.device)  # (N,)
     if num == 0:
@@ -444,7 +399,7 @@ def matrix_nms_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Te
     # The tiles on and above the diagonal: tiles below it hold no pair i < j.
     tile = torch.triu_indices(num_tiles, num_tiles, device=packed.device)  # (2, T)
     columns = triton.cdiv(num, COLUMNS)
-    with _device_guard(packed):
+    with device_guard(packed):
         _matrix_nms_word_range_kernel[(triton.cdiv(num, RANGE_ROWS),)](
             packed, order, first, end, num, num_words, BLOCK_ROWS=RANGE_ROWS,
             BLOCK_WORDS=RANGE_WORDS, num_warps=4)

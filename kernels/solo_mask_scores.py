@@ -32,7 +32,6 @@ is ``kernels/dynamic_mask_scores.py``'s.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -40,9 +39,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dynamic_mask_scores import _soft_from_logit
+from ._common import MAX_PROGRAMS, device_guard, soft_from_logit, threshold_tensor
 
-__all__ = ["launch_config", "solo_mask_scores"]
+__all__ = ["launch_config", "solo_mask_scores_triton"]
 
 # Output pixels per program (16 per thread of 4 warps; half that for float64).
 _TILE_PIXELS = {torch.float64: 1024}
@@ -53,10 +52,6 @@ _BAND_LIMIT = {torch.float64: 2048}
 _DEFAULT_BAND_LIMIT = 4096
 # The widest tile: a 272-wide map in 64-wide tiles wastes 15%, in 128-wide ones 29%.
 _MAX_TILE_W = 64
-# Grid axis 0 (candidates x tiles) is limited to 2^31 - 1 programs by CUDA.
-_MAX_PROGRAMS = 2**31 - 1
-
-_PRED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
@@ -160,7 +155,7 @@ def _solo_mask_scores_kernel(
     v = tl.load(map_ptr + band_rows[:, None] * in_w + band_cols[None, :], mask=inside_map,
                 other=0)  # (BAND_H, BAND_W)
     if LOGITS:
-        band = _soft_from_logit(v)
+        band = soft_from_logit(v)
     else:
         band = v.to(acc_dtype)
 
@@ -243,45 +238,9 @@ def launch_config(dtype: torch.dtype, in_size: tuple[int, int],
             "num_warps": 4}
 
 
-def _check_inputs(mask_preds: Tensor, image: Tensor, channel: Tensor, out_height: int,
-                  out_width: int) -> None:
-    op = "solo_mask_scores"
-    if mask_preds.dim() != 4:
-        raise ValueError(f"{op}: mask_preds must be 4-D (N, Q, h, w), got shape "
-                         f"{tuple(mask_preds.shape)}")
-    if mask_preds.dtype not in _PRED_DTYPES:
-        raise TypeError(f"{op}: mask_preds must be float16, bfloat16, float32 or float64, "
-                        f"got {mask_preds.dtype}")
-    if mask_preds.shape[2] < 1 or mask_preds.shape[3] < 1:
-        raise ValueError(f"{op}: mask_preds' maps must be at least 1 x 1, got shape "
-                         f"{tuple(mask_preds.shape)}")
-    if out_height < 1 or out_width < 1:
-        raise ValueError(f"{op}: out_height and out_width must be positive, got "
-                         f"({out_height}, {out_width})")
-    if mask_preds.shape[2] * mask_preds.shape[3] >= 2**31:
-        raise ValueError(f"{op} (triton): at most 2^31 - 1 samples per map, got shape "
-                         f"{tuple(mask_preds.shape)}")
-    num_candidates = image.shape[0] if image.dim() == 1 else -1
-    for name, index in (("image", image), ("channel", channel)):
-        if index.dim() != 1 or index.shape[0] != num_candidates or index.dtype != torch.int64:
-            raise ValueError(f"{op}: {name} must be int64 of shape (K,) as image "
-                             f"{tuple(image.shape)}, got {index.dtype} {tuple(index.shape)}")
-        if index.device != mask_preds.device:
-            raise ValueError(f"{op}: {name} is on {index.device} but mask_preds is on "
-                             f"{mask_preds.device}")
-    if num_candidates > 0:
-        # One device-to-host copy for the four bounds: no program may read out of bounds.
-        bounds = torch.stack([image.min(), image.max(), channel.min(), channel.max()]).tolist()
-        limits = (("image", mask_preds.shape[0], "N"), ("channel", mask_preds.shape[1], "Q"))
-        for (name, limit, letter), low, high in zip(limits, bounds[0::2], bounds[1::2]):
-            if low < 0 or high >= limit:
-                raise ValueError(f"{op}: {name} must lie in [0, {letter}) = [0, {limit}), got "
-                                 f"values in [{low}, {high}]")
-
-
-def solo_mask_scores(mask_preds: Tensor, image: Tensor, channel: Tensor, out_height: int,
-                     out_width: int, threshold: float, logits: bool, *,
-                     tile: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+def solo_mask_scores_triton(mask_preds: Tensor, image: Tensor, channel: Tensor,
+                            out_height: int, out_width: int, threshold: float, logits: bool, *,
+                            tile: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Area and soft sum of every candidate's thresholded, resized soft mask, without storing it.
 
     Args:
@@ -307,9 +266,20 @@ def solo_mask_scores(mask_preds: Tensor, image: Tensor, channel: Tensor, out_hei
             summed in a fixed order).
 
     Raises:
-        TypeError, ValueError: a dtype, shape, device or index breaks the contract above.
+        ValueError: an empty map or output size, 2^31 samples or more per map, more programs
+            than CUDA launches. The other rules, index ranges included, are checked before:
+            ``solo_fast.ops.solo_mask_scores``'s contract.
     """
-    _check_inputs(mask_preds, image, channel, out_height, out_width)
+    # What the kernel itself needs: every size of the resize at least 1, int32 offsets in a map.
+    if mask_preds.shape[2] < 1 or mask_preds.shape[3] < 1:
+        raise ValueError(f"solo_mask_scores (triton): mask_preds' maps must be at least 1 x 1, "
+                         f"got shape {tuple(mask_preds.shape)}")
+    if out_height < 1 or out_width < 1:
+        raise ValueError(f"solo_mask_scores (triton): out_height and out_width must be positive, "
+                         f"got ({out_height}, {out_width})")
+    if mask_preds.shape[2] * mask_preds.shape[3] >= 2**31:
+        raise ValueError(f"solo_mask_scores (triton): at most 2^31 - 1 samples per map, got "
+                         f"shape {tuple(mask_preds.shape)}")
     _, num_channels, in_h, in_w = mask_preds.shape
     num_candidates = image.shape[0]
     device = mask_preds.device
@@ -330,16 +300,13 @@ def solo_mask_scores(mask_preds: Tensor, image: Tensor, channel: Tensor, out_hei
     num_warps = config.pop("num_warps")
     tiles_x = -(-out_width // config["TILE_W"])
     num_tiles = -(-out_height // config["TILE_H"]) * tiles_x
-    if num_candidates * num_tiles > _MAX_PROGRAMS:
-        raise ValueError(f"solo_mask_scores (triton): at most {_MAX_PROGRAMS} programs, got "
+    if num_candidates * num_tiles > MAX_PROGRAMS:
+        raise ValueError(f"solo_mask_scores (triton): at most {MAX_PROGRAMS} programs, got "
                          f"{num_candidates} candidates x {num_tiles} tiles")
-    # Rounded as csrc/dynamic_mask_scores.h's threshold_as: to the compute dtype, then the input's.
-    compute_dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
-    threshold_t = torch.tensor([threshold], dtype=compute_dtype, device=device).to(preds.dtype)
+    threshold_t = threshold_tensor(threshold, preds.dtype, device)  # (1,)
     partial_area = torch.empty((num_candidates, num_tiles), dtype=torch.int32, device=device)
     partial_soft = torch.empty((num_candidates, num_tiles), dtype=torch.float64, device=device)
-    guard = torch.cuda.device(device) if preds.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(preds):
         _solo_mask_scores_kernel[(num_candidates * num_tiles,)](
             preds, image.contiguous(), channel.contiguous(), threshold_t, partial_area,
             partial_soft, num_channels, in_h, in_w, out_height, out_width, tiles_x, num_tiles,

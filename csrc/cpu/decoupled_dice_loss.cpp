@@ -186,9 +186,9 @@ struct Layout {
   std::vector<uint8_t> used_y;
 };
 
-// Also checks every index against its range, so that no kernel reads out of bounds.
+// The indices were range-checked by check_decoupled_inputs (or by the caller, check_index false).
 Layout make_layout(const at::Tensor& pos_image, const at::Tensor& pos_row,
-                   const at::Tensor& pos_col, int64_t images, int64_t grids, const char* op) {
+                   const at::Tensor& pos_col, int64_t images, int64_t grids) {
   const int64_t positives = pos_image.size(0);
   const int64_t* image = ptr<const int64_t>(pos_image);
   const int64_t* row = ptr<const int64_t>(pos_row);
@@ -198,12 +198,6 @@ Layout make_layout(const at::Tensor& pos_image, const at::Tensor& pos_row,
   layout.used_x.assign(images * grids, 0);
   layout.used_y.assign(images * grids, 0);
   for (int64_t k = 0; k < positives; ++k) {
-    TORCH_CHECK(image[k] >= 0 && image[k] < images, op, ": pos_image[", k, "] = ", image[k],
-                " is out of range; images are 0 .. N - 1 = ", images - 1);
-    TORCH_CHECK(row[k] >= 0 && row[k] < grids, op, ": pos_row[", k, "] = ", row[k],
-                " is out of range; rows are 0 .. S - 1 = ", grids - 1);
-    TORCH_CHECK(col[k] >= 0 && col[k] < grids, op, ": pos_col[", k, "] = ", col[k],
-                " is out of range; columns are 0 .. S - 1 = ", grids - 1);
     ++layout.image_start[image[k] + 1];
     layout.used_x[image[k] * grids + col[k]] = 1;
     layout.used_y[image[k] * grids + row[k]] = 1;
@@ -237,9 +231,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& pos_image_in,
     const at::Tensor& pos_row_in, const at::Tensor& pos_col_in, const at::Tensor& target_in,
-    double eps) {
+    double eps, bool check_index) {
   constexpr const char* kOp = "decoupled_dice_loss_forward";
-  check_decoupled_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
+  check_decoupled_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in,
+                         check_index, kOp);
   const at::Tensor x = x_in.contiguous();  // (N, S, P)
   const at::Tensor y = y_in.contiguous();  // (N, S, P)
   const at::Tensor target = target_in.contiguous();  // (K, P)
@@ -255,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cpu(
   if (positives == 0) {
     return {loss, sums};
   }
-  const Layout layout = make_layout(pos_image, pos_row, pos_col, images, grids, kOp);
+  const Layout layout = make_layout(pos_image, pos_row, pos_col, images, grids);
   const int64_t* row = ptr<const int64_t>(pos_row);
   const int64_t* col = ptr<const int64_t>(pos_col);
 
@@ -318,9 +313,10 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cpu(
 std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_backward_cpu(
     const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& y_in,
     const at::Tensor& pos_image_in, const at::Tensor& pos_row_in, const at::Tensor& pos_col_in,
-    const at::Tensor& target_in, const at::Tensor& sums_in, double eps) {
+    const at::Tensor& target_in, const at::Tensor& sums_in, double eps, bool check_index) {
   constexpr const char* kOp = "decoupled_dice_loss_backward";
-  check_decoupled_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
+  check_decoupled_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in,
+                         check_index, kOp);
   const int64_t positives = pos_image_in.size(0);
   check_grad_and_sums(grad_loss_in, sums_in, positives, x_in, kOp,
                       "decoupled_dice_loss_forward");
@@ -336,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_backward_cpu(
   const at::Tensor pos_image = pos_image_in.contiguous();
   const at::Tensor pos_row = pos_row_in.contiguous();
   const at::Tensor pos_col = pos_col_in.contiguous();
-  const Layout layout = make_layout(pos_image, pos_row, pos_col, images, grids, kOp);
+  const Layout layout = make_layout(pos_image, pos_row, pos_col, images, grids);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_y = at::empty_like(y);
   if (pixels == 0) {

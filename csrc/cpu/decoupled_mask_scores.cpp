@@ -82,11 +82,11 @@ void score_pair_any(const prob_t* py, const prob_t* px, int64_t pixels, acc_t th
 
 std::tuple<at::Tensor, at::Tensor> decoupled_mask_scores_cpu(
     const at::Tensor& x_probs_in, const at::Tensor& y_probs_in, const at::Tensor& image_in,
-    const at::Tensor& row_in, const at::Tensor& col_in, double threshold) {
+    const at::Tensor& row_in, const at::Tensor& col_in, double threshold, bool check_index) {
   constexpr const char* kOp = "decoupled_mask_scores";
-  check_decoupled_mask_scores_inputs(x_probs_in, y_probs_in, image_in, row_in, col_in, kOp);
+  check_decoupled_mask_scores_inputs(x_probs_in, y_probs_in, image_in, row_in, col_in,
+                                     check_index, kOp);
   const int64_t num = image_in.size(0);
-  const int64_t images = x_probs_in.size(0);
   const int64_t channels = x_probs_in.size(1);
   const int64_t pixels = x_probs_in.size(2);
   at::Tensor area = at::zeros({num}, x_probs_in.options().dtype(at::kLong));
@@ -97,15 +97,6 @@ std::tuple<at::Tensor, at::Tensor> decoupled_mask_scores_cpu(
   const int64_t* image = ptr<const int64_t>(image_t);
   const int64_t* row = ptr<const int64_t>(row_t);
   const int64_t* col = ptr<const int64_t>(col_t);
-  // Also checks every index against its range, so that no kernel reads out of bounds.
-  for (int64_t k = 0; k < num; ++k) {
-    TORCH_CHECK(image[k] >= 0 && image[k] < images, kOp, ": image[", k, "] = ", image[k],
-                " is out of range; images are 0 .. N - 1 = ", images - 1);
-    TORCH_CHECK(row[k] >= 0 && row[k] < channels, kOp, ": row[", k, "] = ", row[k],
-                " is out of range; channels are 0 .. C - 1 = ", channels - 1);
-    TORCH_CHECK(col[k] >= 0 && col[k] < channels, kOp, ": col[", k, "] = ", col[k],
-                " is out of range; channels are 0 .. C - 1 = ", channels - 1);
-  }
   if (num == 0 || pixels == 0) {
     return {area, soft_sum};
   }

@@ -117,24 +117,12 @@ void chunk_grad_any(const pred_t* pred, const target_t* target, int64_t count, b
   }
 }
 
-void check_inputs(const at::Tensor& pred, const at::Tensor& target, const char* op) {
-  TORCH_CHECK(pred.dim() == 2, op, ": pred must be 2-D (N, P), got shape ", pred.sizes());
-  TORCH_CHECK(target.sizes() == pred.sizes(), op, ": target must have pred's shape ", pred.sizes(),
-              ", got ", target.sizes());
-  TORCH_CHECK(target.device() == pred.device(), op, ": target is on ", target.device(),
-              " but pred is on ", pred.device());
-  TORCH_CHECK(at::isFloatingType(pred.scalar_type()), op,
-              ": pred must be float16, bfloat16, float32 or float64, got ", pred.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kByte || target.scalar_type() == pred.scalar_type(), op,
-              ": target must be uint8 or pred's dtype ", pred.scalar_type(), ", got ",
-              target.scalar_type());
-}
-
-// Dispatches pred over the floating types and target over {uint8, pred's dtype}.
+// Dispatches pred over the floating types and target over {bytes, pred's dtype}: bool and uint8
+// masks are both read as bytes (bool storage is 0/1).
 template <typename Fn>
 void dispatch_pred_target(const at::Tensor& pred, const at::Tensor& target, Fn&& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dice_loss", [&] {
-    if (target.scalar_type() == at::kByte) {
+    if (target.scalar_type() == at::kByte || target.scalar_type() == at::kBool) {
       fn(scalar_t{}, uint8_t{});
     } else {
       fn(scalar_t{}, scalar_t{});
@@ -144,7 +132,7 @@ void dispatch_pred_target(const at::Tensor& pred, const at::Tensor& target, Fn&&
 
 std::tuple<at::Tensor, at::Tensor> dice_loss_forward_cpu(
     const at::Tensor& pred_in, const at::Tensor& target_in, bool logits, double eps) {
-  check_inputs(pred_in, target_in, "dice_loss_forward");
+  check_dice_inputs(pred_in, target_in, "dice_loss_forward");
   const at::Tensor pred = pred_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const int64_t num_masks = pred.size(0);
@@ -195,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> dice_loss_forward_cpu(
 at::Tensor dice_loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& pred_in,
                                   const at::Tensor& target_in, const at::Tensor& sums_in,
                                   bool logits, double eps) {
-  check_inputs(pred_in, target_in, "dice_loss_backward");
+  check_dice_inputs(pred_in, target_in, "dice_loss_backward");
   const int64_t num_masks = pred_in.size(0);
   check_grad_and_sums(grad_loss_in, sums_in, num_masks, pred_in, "dice_loss_backward",
                       "dice_loss_forward");

@@ -130,17 +130,14 @@ struct Layout {
   int64_t largest_image = 0;  // max K_n
 };
 
-// Also checks every image index against its range, so that no kernel reads out of bounds.
-Layout make_layout(const at::Tensor& pos_image, int64_t images, const char* op) {
+// The indices were range-checked by check_dynamic_mask_inputs (or by the caller, check_index
+// false).
+Layout make_layout(const at::Tensor& pos_image, int64_t images) {
   const int64_t positives = pos_image.size(0);
   const int64_t* image = ptr<const int64_t>(pos_image);
   Layout layout;
   layout.image_start.assign(images + 1, 0);
-  for (int64_t k = 0; k < positives; ++k) {
-    TORCH_CHECK(image[k] >= 0 && image[k] < images, op, ": pos_image[", k, "] = ", image[k],
-                " is out of range; images are 0 .. N - 1 = ", images - 1);
-    ++layout.image_start[image[k] + 1];
-  }
+  for (int64_t k = 0; k < positives; ++k) ++layout.image_start[image[k] + 1];
   for (int64_t n = 0; n < images; ++n) {
     layout.largest_image = std::max(layout.largest_image, layout.image_start[n + 1]);  // K_n
     layout.image_start[n + 1] += layout.image_start[n];
@@ -180,13 +177,13 @@ at::Tensor as_float_target(const at::Tensor& target) {
 
 std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_forward_cpu(
     const at::Tensor& kernels_in, const at::Tensor& mask_feats_in, const at::Tensor& pos_image_in,
-    const at::Tensor& target_in, double eps) {
+    const at::Tensor& target_in, double eps, bool check_index) {
   constexpr const char* kOp = "dynamic_mask_dice_loss_forward";
-  check_dynamic_mask_inputs(kernels_in, mask_feats_in, pos_image_in, target_in, kOp);
+  check_dynamic_mask_inputs(kernels_in, mask_feats_in, pos_image_in, target_in, check_index, kOp);
   if (is_half(kernels_in)) {
     auto [loss, sums] = dynamic_mask_dice_loss_forward_cpu(
         kernels_in.to(at::kFloat), mask_feats_in.to(at::kFloat), pos_image_in,
-        as_float_target(target_in), eps);
+        as_float_target(target_in), eps, /*check_index=*/false);
     return {loss.to(kernels_in.scalar_type()), sums};
   }
   const at::Tensor kernels = kernels_in.contiguous();        // (K, E)
@@ -201,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_forward_cpu(
   if (positives == 0) {
     return {loss, sums};
   }
-  const Layout layout = make_layout(pos_image, images, kOp);
+  const Layout layout = make_layout(pos_image, images);
   const at::Tensor sorted = kernels.index_select(0, layout.members_tensor);  // (K, E)
 
   const int64_t tiles = ceil_div(pixels, kTile);
@@ -256,16 +253,16 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_forward_cpu(
 std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_backward_cpu(
     const at::Tensor& grad_loss_in, const at::Tensor& kernels_in, const at::Tensor& mask_feats_in,
     const at::Tensor& pos_image_in, const at::Tensor& target_in, const at::Tensor& sums_in,
-    double eps) {
+    double eps, bool check_index) {
   constexpr const char* kOp = "dynamic_mask_dice_loss_backward";
-  check_dynamic_mask_inputs(kernels_in, mask_feats_in, pos_image_in, target_in, kOp);
+  check_dynamic_mask_inputs(kernels_in, mask_feats_in, pos_image_in, target_in, check_index, kOp);
   const int64_t positives = kernels_in.size(0);
   check_grad_and_sums(grad_loss_in, sums_in, positives, kernels_in, kOp,
                       "dynamic_mask_dice_loss_forward");
   if (is_half(kernels_in)) {
     auto [grad_kernels, grad_feats] = dynamic_mask_dice_loss_backward_cpu(
         grad_loss_in, kernels_in.to(at::kFloat), mask_feats_in.to(at::kFloat), pos_image_in,
-        as_float_target(target_in), sums_in, eps);
+        as_float_target(target_in), sums_in, eps, /*check_index=*/false);
     return {grad_kernels.to(kernels_in.scalar_type()), grad_feats.to(kernels_in.scalar_type())};
   }
   const at::Tensor kernels = kernels_in.contiguous();        // (K, E)
@@ -278,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_backward_cpu(
   }
   const at::Tensor pos_image = pos_image_in.contiguous();  // (K,)
   const at::Tensor target = target_in.contiguous();        // (K, P)
-  const Layout layout = make_layout(pos_image, images, kOp);
+  const Layout layout = make_layout(pos_image, images);
   const at::Tensor sorted = kernels.index_select(0, layout.members_tensor);  // (K, E)
   at::Tensor grad_kernels = at::empty_like(kernels);
   at::Tensor grad_feats = at::empty_like(mask_feats);

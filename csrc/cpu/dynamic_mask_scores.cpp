@@ -149,17 +149,13 @@ struct Groups {
   std::vector<int64_t> members;
 };
 
-// Also checks every index against its range, so that no kernel reads out of bounds.
-Groups group_by_image(const at::Tensor& image_in, int64_t images, const char* op) {
+// The indices were range-checked by the op (or by the caller, check_index false).
+Groups group_by_image(const at::Tensor& image_in, int64_t images) {
   const int64_t num = image_in.size(0);
   const int64_t* image = ptr<const int64_t>(image_in);
   Groups groups;
   groups.image_start.assign(images + 1, 0);
-  for (int64_t k = 0; k < num; ++k) {
-    TORCH_CHECK(image[k] >= 0 && image[k] < images, op, ": image[", k, "] = ", image[k],
-                " is out of range; images are 0 .. N - 1 = ", images - 1);
-    ++groups.image_start[image[k] + 1];
-  }
+  for (int64_t k = 0; k < num; ++k) ++groups.image_start[image[k] + 1];
   for (int64_t n = 0; n < images; ++n) groups.image_start[n + 1] += groups.image_start[n];
   std::vector<int64_t> cursor(groups.image_start.begin(), groups.image_start.end() - 1);
   groups.members.resize(num);
@@ -184,9 +180,10 @@ bool sequential_schedule() {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cpu(
     const at::Tensor& kernels_in, const at::Tensor& mask_feats_in, const at::Tensor& image_in,
-    double threshold, bool pack_masks) {
+    double threshold, bool pack_masks, bool check_index) {
   constexpr const char* kOp = "dynamic_mask_scores";
   check_dynamic_mask_scores_inputs(kernels_in, mask_feats_in, image_in, kOp);
+  check_index_ranges(check_index, {{"image", image_in, mask_feats_in.size(0), "N"}}, kOp);
   const int64_t num = kernels_in.size(0);
   const int64_t images = mask_feats_in.size(0);
   const int64_t pixels = mask_feats_in.size(2);
@@ -197,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cpu(
   at::Tensor packed = at::empty({pack_masks ? num : 0, words},
                                 kernels_in.options().dtype(at::kLong));  // (K, Wd) or (0, Wd)
   const at::Tensor image = image_in.contiguous();
-  const Groups groups = group_by_image(image, images, kOp);
+  const Groups groups = group_by_image(image, images);
   if (num == 0 || pixels == 0) {
     return {area, soft_sum, packed};
   }

@@ -136,9 +136,7 @@ const AndPopcount and_popcount = and_popcount_baseline;
 
 at::Tensor matrix_nms_popcount_cpu(const at::Tensor& packed_in) {
   constexpr const char* op = "matrix_nms_popcount";
-  TORCH_CHECK(packed_in.dim() == 2 && packed_in.scalar_type() == at::kLong, op,
-              ": packed must be the int64 (n, words) tensor of matrix_nms_pack, got ",
-              packed_in.scalar_type(), " ", packed_in.sizes());
+  check_packed_masks(packed_in, op);
   TORCH_CHECK(packed_in.device().is_cpu(), op, ": expected CPU tensors, got ",
               packed_in.device());
   const at::Tensor packed = packed_in.contiguous();

@@ -189,11 +189,12 @@ std::tuple<at::Tensor, at::Tensor> solo_mask_scores_cpu(const at::Tensor& mask_p
                                                         const at::Tensor& image_in,
                                                         const at::Tensor& channel_in,
                                                         int64_t out_height, int64_t out_width,
-                                                        double threshold, bool logits) {
+                                                        double threshold, bool logits,
+                                                        bool check_index) {
   constexpr const char* kOp = "solo_mask_scores";
-  check_solo_mask_scores_inputs(mask_preds_in, image_in, channel_in, out_height, out_width, kOp);
+  check_solo_mask_scores_inputs(mask_preds_in, image_in, channel_in, out_height, out_width,
+                                check_index, kOp);
   const int64_t num = image_in.size(0);
-  const int64_t images = mask_preds_in.size(0);
   const int64_t channels = mask_preds_in.size(1);
   at::Tensor area = at::zeros({num}, mask_preds_in.options().dtype(at::kLong));
   at::Tensor soft_sum = at::zeros({num}, mask_preds_in.options().dtype(at::kDouble));
@@ -201,13 +202,6 @@ std::tuple<at::Tensor, at::Tensor> solo_mask_scores_cpu(const at::Tensor& mask_p
   const at::Tensor channel_t = channel_in.contiguous();
   const int64_t* image = ptr<const int64_t>(image_t);
   const int64_t* channel = ptr<const int64_t>(channel_t);
-  // Also checks every index against its range, so that no kernel reads out of bounds.
-  for (int64_t k = 0; k < num; ++k) {
-    TORCH_CHECK(image[k] >= 0 && image[k] < images, kOp, ": image[", k, "] = ", image[k],
-                " is out of range; images are 0 .. N - 1 = ", images - 1);
-    TORCH_CHECK(channel[k] >= 0 && channel[k] < channels, kOp, ": channel[", k, "] = ",
-                channel[k], " is out of range; channels are 0 .. Q - 1 = ", channels - 1);
-  }
   if (num == 0) {
     return {area, soft_sum};
   }

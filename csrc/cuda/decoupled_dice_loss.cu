@@ -23,7 +23,6 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -159,29 +158,11 @@ __global__ void __launch_bounds__(kThreads) decoupled_backward_kernel(
 
 void check_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& pos_image,
                   const at::Tensor& pos_row, const at::Tensor& pos_col, const at::Tensor& target,
-                  const char* op) {
+                  bool check_index, const char* op) {
   TORCH_CHECK(x.is_cuda(), op, ": x_logits must be a CUDA tensor, got one on ", x.device());
-  check_decoupled_inputs(x, y, pos_image, pos_row, pos_col, target, op);
+  check_decoupled_inputs(x, y, pos_image, pos_row, pos_col, target, check_index, op);
   TORCH_CHECK(pos_image.size(0) <= INT_MAX, op, ": at most ", INT_MAX, " positives, got ",
               pos_image.size(0));
-}
-
-// Every index within its range, so that no kernel reads out of bounds: one device-to-host copy of
-// the six bounds (a synchronisation, which the loss can afford once per level).
-void check_index_ranges(const at::Tensor& pos_image, const at::Tensor& pos_row,
-                        const at::Tensor& pos_col, int64_t images, int64_t grids,
-                        const char* op) {
-  if (pos_image.numel() == 0) return;
-  const at::Tensor bounds = at::stack({pos_image.min(), pos_image.max(), pos_row.min(),
-                                       pos_row.max(), pos_col.min(), pos_col.max()})
-                                .cpu();
-  const int64_t* b = bounds.const_data_ptr<int64_t>();
-  TORCH_CHECK(b[0] >= 0 && b[1] < images, op, ": pos_image must lie in [0, N) = [0, ", images,
-              "), got values in [", b[0], ", ", b[1], "]");
-  TORCH_CHECK(b[2] >= 0 && b[3] < grids, op, ": pos_row must lie in [0, S) = [0, ", grids,
-              "), got values in [", b[2], ", ", b[3], "]");
-  TORCH_CHECK(b[4] >= 0 && b[5] < grids, op, ": pos_col must lie in [0, S) = [0, ", grids,
-              "), got values in [", b[4], ", ", b[5], "]");
 }
 
 // The positives of each own row r = image * S + channel: members[start[r] .. start[r + 1]), in
@@ -208,9 +189,9 @@ void with_target(const at::Tensor& target, const Launch& launch) {
 std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& pos_image_in,
     const at::Tensor& pos_row_in, const at::Tensor& pos_col_in, const at::Tensor& target_in,
-    double eps) {
+    double eps, bool check_index) {
   constexpr const char* kOp = "decoupled_dice_loss_forward";
-  check_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
+  check_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, check_index, kOp);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();  // (N, S, P)
   const at::Tensor y = y_in.contiguous();  // (N, S, P)
@@ -218,7 +199,6 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cuda(
   const int64_t p = x.size(2);
   const int64_t positives = pos_image_in.size(0);
   const auto sums_options = x.options().dtype(at::kDouble);
-  check_index_ranges(pos_image_in, pos_row_in, pos_col_in, x.size(0), s, kOp);
   if (positives == 0 || p == 0) {
     const double empty_loss = dl::loss_from_sums(0.0, 0.0, 0.0, eps);
     return {at::full({positives}, empty_loss, x.options()),
@@ -266,9 +246,9 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_forward_cuda(
 std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& x_in, const at::Tensor& y_in,
     const at::Tensor& pos_image_in, const at::Tensor& pos_row_in, const at::Tensor& pos_col_in,
-    const at::Tensor& target_in, const at::Tensor& sums_in, double eps) {
+    const at::Tensor& target_in, const at::Tensor& sums_in, double eps, bool check_index) {
   constexpr const char* kOp = "decoupled_dice_loss_backward";
-  check_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, kOp);
+  check_inputs(x_in, y_in, pos_image_in, pos_row_in, pos_col_in, target_in, check_index, kOp);
   const int64_t positives = pos_image_in.size(0);
   check_grad_and_sums(grad_loss_in, sums_in, positives, x_in, kOp,
                       "decoupled_dice_loss_forward");
@@ -278,7 +258,6 @@ std::tuple<at::Tensor, at::Tensor> decoupled_dice_loss_backward_cuda(
   const int64_t s = x.size(1);
   const int64_t p = x.size(2);
   const int64_t rows = x.size(0) * s;
-  check_index_ranges(pos_image_in, pos_row_in, pos_col_in, x.size(0), s, kOp);
   if (positives == 0) return {at::zeros_like(x), at::zeros_like(y)};
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_y = at::empty_like(y);

@@ -73,11 +73,11 @@ __global__ void __launch_bounds__(kThreads) scores_partials_kernel(
 
 std::tuple<at::Tensor, at::Tensor> decoupled_mask_scores_cuda(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& image_in,
-    const at::Tensor& row_in, const at::Tensor& col_in, double threshold) {
+    const at::Tensor& row_in, const at::Tensor& col_in, double threshold, bool check_index) {
   constexpr const char* kOp = "decoupled_mask_scores";
   TORCH_CHECK(x_in.is_cuda(), kOp, ": x_probs must be a CUDA tensor, got one on ",
               x_in.device());
-  check_decoupled_mask_scores_inputs(x_in, y_in, image_in, row_in, col_in, kOp);
+  check_decoupled_mask_scores_inputs(x_in, y_in, image_in, row_in, col_in, check_index, kOp);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t candidates = image_in.size(0);
   const int64_t channels = x_in.size(1);
@@ -87,10 +87,6 @@ std::tuple<at::Tensor, at::Tensor> decoupled_mask_scores_cuda(
   at::Tensor area = at::zeros({candidates}, image_in.options());
   at::Tensor soft_sum = at::zeros({candidates}, image_in.options().dtype(at::kDouble));
   if (candidates == 0) return {area, soft_sum};
-  cuda_scores::check_index_ranges({{"image", image_in, x_in.size(0), "N"},
-                                   {"row", row_in, channels, "C"},
-                                   {"col", col_in, channels, "C"}},
-                                  kOp);
   if (p == 0) return {area, soft_sum};
   const at::Tensor x = x_in.contiguous();  // (N, C, P)
   const at::Tensor y = y_in.contiguous();  // (N, C, P)

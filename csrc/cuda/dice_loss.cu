@@ -81,20 +81,7 @@ __global__ void __launch_bounds__(kThreads) dice_backward_kernel(
 
 void check_pred_target(const at::Tensor& pred, const at::Tensor& target, const char* op) {
   TORCH_CHECK(pred.is_cuda(), op, ": pred must be a CUDA tensor, got one on ", pred.device());
-  TORCH_CHECK(pred.dim() == 2, op, ": pred must be 2-D (N, P), got shape ", pred.sizes(),
-              "; flatten the pixel dimensions first");
-  TORCH_CHECK(target.sizes() == pred.sizes(), op, ": target must have pred's shape ",
-              pred.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.device() == pred.device(), op, ": target is on ", target.device(),
-              " but pred is on ", pred.device(), "; move both to the same device");
-  const auto dtype = pred.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": pred must be float16, bfloat16, float32 or float64, got ", dtype);
-  const auto tdtype = target.scalar_type();
-  TORCH_CHECK(tdtype == at::kByte || tdtype == at::kBool || tdtype == dtype, op,
-              ": target must be uint8 (0/1), bool or pred's dtype ", dtype, ", got ", tdtype,
-              "; convert it with target.to(pred.dtype)");
+  check_dice_inputs(pred, target, op);
   TORCH_CHECK(pred.size(0) <= INT_MAX, op, ": at most ", INT_MAX, " masks, got ", pred.size(0));
 }
 

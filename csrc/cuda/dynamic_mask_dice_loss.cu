@@ -34,7 +34,6 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -379,20 +378,10 @@ __global__ void __launch_bounds__(kThreads) dmd_backward_kernels_kernel(
 }
 
 void check_inputs(const at::Tensor& kernels, const at::Tensor& feats, const at::Tensor& pos_image,
-                  const at::Tensor& target, const char* op) {
+                  const at::Tensor& target, bool check_index, const char* op) {
   TORCH_CHECK(kernels.is_cuda(), op, ": kernels must be a CUDA tensor, got one on ",
               kernels.device());
-  check_dynamic_mask_inputs(kernels, feats, pos_image, target, op);
-}
-
-// pos_image within [0, N), so that no kernel reads out of bounds: one device-to-host copy of the
-// two bounds (a synchronisation, which the loss can afford once per step).
-void check_index_range(const at::Tensor& pos_image, int64_t images, const char* op) {
-  if (pos_image.numel() == 0) return;
-  const at::Tensor bounds = at::stack({pos_image.min(), pos_image.max()}).cpu();
-  const int64_t* b = bounds.const_data_ptr<int64_t>();
-  TORCH_CHECK(b[0] >= 0 && b[1] < images, op, ": pos_image must lie in [0, N) = [0, ", images,
-              "), got values in [", b[0], ", ", b[1], "]");
+  check_dynamic_mask_inputs(kernels, feats, pos_image, target, check_index, op);
 }
 
 // The positives grouped by image and cut into blocks of at most kRows, all on the device (as
@@ -458,16 +447,15 @@ void with_target(const at::Tensor& target, const Launch& launch) {
 
 std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_forward_cuda(
     const at::Tensor& kernels_in, const at::Tensor& feats_in, const at::Tensor& pos_image_in,
-    const at::Tensor& target_in, double eps) {
+    const at::Tensor& target_in, double eps, bool check_index) {
   constexpr const char* kOp = "dynamic_mask_dice_loss_forward";
-  check_inputs(kernels_in, feats_in, pos_image_in, target_in, kOp);
+  check_inputs(kernels_in, feats_in, pos_image_in, target_in, check_index, kOp);
   const c10::cuda::CUDAGuard guard(kernels_in.device());
   const int64_t positives = kernels_in.size(0);
   const int64_t images = feats_in.size(0);
   const int64_t e = feats_in.size(1);
   const int64_t p = feats_in.size(2);
   const auto sums_options = kernels_in.options().dtype(at::kDouble);
-  check_index_range(pos_image_in, images, kOp);
   if (positives == 0 || p == 0) {
     const double empty_loss = dl::loss_from_sums(0.0, 0.0, 0.0, eps);
     return {at::full({positives}, empty_loss, kernels_in.options()),
@@ -510,9 +498,9 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_forward_cuda(
 std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& kernels_in, const at::Tensor& feats_in,
     const at::Tensor& pos_image_in, const at::Tensor& target_in, const at::Tensor& sums_in,
-    double eps) {
+    double eps, bool check_index) {
   constexpr const char* kOp = "dynamic_mask_dice_loss_backward";
-  check_inputs(kernels_in, feats_in, pos_image_in, target_in, kOp);
+  check_inputs(kernels_in, feats_in, pos_image_in, target_in, check_index, kOp);
   const int64_t positives = kernels_in.size(0);
   check_grad_and_sums(grad_loss_in, sums_in, positives, kernels_in, kOp,
                       "dynamic_mask_dice_loss_forward");
@@ -520,7 +508,6 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_loss_backward_cuda(
   const int64_t images = feats_in.size(0);
   const int64_t e = feats_in.size(1);
   const int64_t p = feats_in.size(2);
-  check_index_range(pos_image_in, images, kOp);
   if (positives == 0 || p == 0 || e == 0) {
     return {at::zeros_like(kernels_in), at::zeros_like(feats_in)};
   }

@@ -34,7 +34,6 @@
 #include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -212,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) scores_partials_kernel(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cuda(
     const at::Tensor& kernels_in, const at::Tensor& mask_feats_in, const at::Tensor& image_in,
-    double threshold, bool pack_masks) {
+    double threshold, bool pack_masks, bool check_index) {
   constexpr const char* kOp = "dynamic_mask_scores";
   TORCH_CHECK(mask_feats_in.is_cuda(), kOp, ": mask_feats must be a CUDA tensor, got one on ",
               mask_feats_in.device());
@@ -243,12 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_mask_scores_cuda(
           .div(kBlockM, "floor");
   // One device-to-host copy: the index bounds (no block may read out of bounds) and the number
   // of candidate tiles (the grid).
-  const at::Tensor host = at::stack({image.min(), image.max(), tiles.sum()}).cpu();
-  const int64_t* h = host.const_data_ptr<int64_t>();
-  TORCH_CHECK(h[0] >= 0 && h[1] < images, kOp, ": image must lie in [0, N) = [0, ", images,
-              "), got values in [", h[0], ", ", h[1], "]");
+  const int64_t num_tiles =
+      check_index_ranges(check_index, {{"image", image, images, "N"}}, kOp, {tiles.sum()})[0];
   if (pixels == 0) return {area, soft_sum, packed};
-  const int64_t num_tiles = h[2];
   TORCH_CHECK(num_tiles <= INT_MAX, kOp, ": too many candidate tiles (", num_tiles, ")");
 
   const at::Tensor tile_image =  // (T,)

@@ -1,20 +1,16 @@
 // Code shared by the CUDA kernels that score candidate masks by area and soft sum
-// (decoupled_mask_scores.cu, solo_mask_scores.cu, dynamic_mask_scores.cu): the host check of the
-// candidates' indices, and the two-pass reduction: each block reduces its pixels to one partial
-// (count, sum) per candidate and chunk, and a second kernel adds a candidate's partials in a
-// fixed order. No atomics: the results are bitwise reproducible on a given GPU, as in
-// dice_reduce.cuh.
+// (decoupled_mask_scores.cu, solo_mask_scores.cu, dynamic_mask_scores.cu): the two-pass
+// reduction: each block reduces its pixels to one partial (count, sum) per candidate and chunk,
+// and a second kernel adds a candidate's partials in a fixed order. No atomics: the results are
+// bitwise reproducible on a given GPU, as in dice_reduce.cuh.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <initializer_list>
-#include <vector>
 
 #include "cuda/dice_reduce.cuh"
 
@@ -24,33 +20,6 @@ namespace cuda_scores {
 using cuda_dice::kThreads;
 using cuda_dice::kWarps;
 using cuda_dice::warp_sum;
-
-// One index tensor of the candidates and the range [0, limit) its values must lie in; `letter`
-// names the limit in the message ("N", "C").
-struct IndexRange {
-  const char* name;
-  const at::Tensor& index;
-  int64_t limit;
-  const char* letter;
-};
-
-// Every index within its range, so that no block reads out of bounds: one device-to-host copy of
-// all the bounds. The index tensors are non-empty.
-inline void check_index_ranges(std::initializer_list<IndexRange> ranges, const char* op) {
-  std::vector<at::Tensor> extremes;
-  for (const IndexRange& range : ranges) {
-    extremes.push_back(range.index.min());
-    extremes.push_back(range.index.max());
-  }
-  const at::Tensor bounds = at::stack(extremes).cpu();  // (2 * ranges,) min, max of each
-  const int64_t* b = bounds.const_data_ptr<int64_t>();
-  for (const IndexRange& range : ranges) {
-    TORCH_CHECK(b[0] >= 0 && b[1] < range.limit, op, ": ", range.name, " must lie in [0, ",
-                range.letter, ") = [0, ", range.limit, "), got values in [", b[0], ", ", b[1],
-                "]");
-    b += 2;
-  }
-}
 
 // Adds every thread's (inside, sum) over the block (kThreads threads) in a fixed order (warp
 // butterflies, then warp 0 over the warp totals) and stores the totals at partial_*[slot].

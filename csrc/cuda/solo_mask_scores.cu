@@ -199,11 +199,12 @@ Tiling choose_tiling(int in_h, int in_w, int out_h, int out_w, int64_t candidate
 
 std::tuple<at::Tensor, at::Tensor> solo_mask_scores_cuda(
     const at::Tensor& preds_in, const at::Tensor& image_in, const at::Tensor& channel_in,
-    int64_t out_height, int64_t out_width, double threshold, bool logits) {
+    int64_t out_height, int64_t out_width, double threshold, bool logits, bool check_index) {
   constexpr const char* kOp = "solo_mask_scores";
   TORCH_CHECK(preds_in.is_cuda(), kOp, ": mask_preds must be a CUDA tensor, got one on ",
               preds_in.device());
-  check_solo_mask_scores_inputs(preds_in, image_in, channel_in, out_height, out_width, kOp);
+  check_solo_mask_scores_inputs(preds_in, image_in, channel_in, out_height, out_width,
+                                check_index, kOp);
   const c10::cuda::CUDAGuard guard(preds_in.device());
   const int64_t candidates = image_in.size(0);
   TORCH_CHECK(candidates <= INT_MAX, kOp, ": at most ", INT_MAX, " candidates, got ",
@@ -212,8 +213,6 @@ std::tuple<at::Tensor, at::Tensor> solo_mask_scores_cuda(
   at::Tensor soft_sum = at::zeros({candidates}, image_in.options().dtype(at::kDouble));
   if (candidates == 0) return {area, soft_sum};
   const int64_t channels = preds_in.size(1);
-  cuda_scores::check_index_ranges(
-      {{"image", image_in, preds_in.size(0), "N"}, {"channel", channel_in, channels, "Q"}}, kOp);
   const at::Tensor preds = preds_in.contiguous();  // (N, Q, h, w)
   const at::Tensor image = image_in.contiguous();
   const at::Tensor channel = channel_in.contiguous();

@@ -12,7 +12,8 @@ The compiled kernel (``torch.ops.solo_fast.dynamic_mask_scores``, C++ on CPU, CU
 Triton kernel (``torch.ops.solo_fast.dynamic_mask_scores_triton``) share one contract:
 
 * kernels (K, E), mask_feats (N, E, P) contiguous, one floating dtype; image (K,) int64 in
-  [0, N); threshold a float; pack_masks a bool;
+  [0, N); threshold a float; pack_masks a bool; check_index (default True): check image's range
+  (one device-to-host copy) before any kernel reads it;
 * -> (area (K,) int64, soft_sum (K,) float64, packed): with pack_masks, packed is (K, Wd) int64,
   the binary masks in the layout of ``matrix_nms_pack`` (bit b of word w is pixel 64 w + b of the
   row-major flattened mask, tail bits zero), row k for candidate k in the input order, a bit set
@@ -33,23 +34,33 @@ the thread count. There is no autograd: scoring is inference only.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from solo_fast.ops._backend import choose_backend
+from solo_fast.ops._checks import FLOATING, INDEX, Arg, Contract
+from solo_fast.ops._common import MaskScores, check_bool, check_number
 from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import dynamic_mask_scores_reference
 
 __all__ = ["dynamic_mask_scores"]
 
-_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CONTRACT = Contract("dynamic_mask_scores", (
+    Arg("mask_feats", "N E H W", FLOATING),
+    Arg("kernels", "K E", ("mask_feats",)),
+    Arg("image", "K", INDEX, below="N"),
+))
+# The ops' contract (the compiled op checks the same in csrc/op_checks.h).
+_OP_CONTRACT = Contract("dynamic_mask_scores_triton", (
+    Arg("mask_feats", "N E P", FLOATING),
+    Arg("kernels", "K E", ("mask_feats",)),
+    Arg("image", "K", INDEX, below="N"),
+))
 
 
 def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, *,
-                        threshold: float, backend: str | None = None, pack_masks: bool = False
-                        ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+                        threshold: float, backend: str | None = None, pack_masks: bool = False,
+                        check_index: bool = True) -> MaskScores:
     """Area and soft sum of every SOLOv2 candidate's mask, fused: no (K, H, W) temporary.
 
     Args:
@@ -64,90 +75,51 @@ def dynamic_mask_scores(kernels: Tensor, mask_feats: Tensor, image: Tensor, *,
         backend: ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; None takes
             ``SOLO_FAST_BACKEND`` or the fastest tested backend for mask_feats' device.
         pack_masks: Also return every candidate's binary mask, bit-packed.
+        check_index: check that image lies in [0, N). The check reads its minimum and maximum
+            (one device-to-host copy, which the CUDA kernel shares with its grid size); it runs
+            in the backend that reads the indices (this function for the reference, the compiled
+            or Triton op otherwise). Pass False only for indices built in range (as the
+            post-processing builds them): out-of-range indices then read out of bounds.
 
     Returns:
-        ``(area, soft_sum)`` on mask_feats' device: area (K,) int64, the number of mask pixels;
-        soft_sum (K,) float64, the sum of the soft mask over them. maskness = soft_sum / area.
-        With ``pack_masks=True``, ``(area, soft_sum, packed)``: packed (K, Wd) int64,
-        Wd = ceil(H * W / 64), candidate k's mask in row k in ``matrix_nms_pack``'s layout (bit b
-        of word w is pixel 64 w + b of the row-major H x W mask; tail bits zero), with exactly
-        area[k] bits set; ``PackedMasks(packed, H, W)`` passes them to matrix NMS.
+        A :class:`~solo_fast.ops.MaskScores` on mask_feats' device: area (K,) int64, the number of
+        mask pixels; soft_sum (K,) float64, the sum of the soft mask over them (maskness =
+        soft_sum / area); packed: with ``pack_masks=True``, (K, Wd) int64, Wd = ceil(H * W / 64),
+        candidate k's mask in row k in ``matrix_nms_pack``'s layout (bit b of word w is pixel
+        64 w + b of the row-major H x W mask; tail bits zero), with exactly area[k] bits set
+        (``PackedMasks(packed, H, W)`` passes them to matrix NMS); else None.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type, dtype, rank, shape or device, or
             an image index is out of range.
     """
-    _check_inputs(kernels, mask_feats, image, threshold, pack_masks)
-    threshold = float(threshold)
-    chosen = choose_backend("dynamic_mask_scores", mask_feats.device, backend)
+    op = "dynamic_mask_scores"
+    check_bool(op, "pack_masks", pack_masks)
+    tensors = {"kernels": kernels, "mask_feats": mask_feats, "image": image}
+    sizes = _CONTRACT.check(**tensors)
+    threshold = check_number(op, "threshold", threshold)
+    chosen = choose_backend(op, mask_feats.device, backend)
     if chosen == "reference":
-        return dynamic_mask_scores_reference(kernels, mask_feats, image, threshold=threshold,
-                                             pack_masks=pack_masks)
+        if check_index:
+            _CONTRACT.check_ranges(sizes, **tensors)
+        area, soft_sum, *packed = dynamic_mask_scores_reference(
+            kernels, mask_feats, image, threshold=threshold, pack_masks=pack_masks)
+        return MaskScores(area, soft_sum, packed[0] if pack_masks else None)
     n, e, h, w = mask_feats.shape
     feats3d = mask_feats.reshape(n, e, h * w).contiguous()  # (N, E, P)
-    op = (torch.ops.solo_fast.dynamic_mask_scores_triton if chosen == "triton"
-          else torch.ops.solo_fast.dynamic_mask_scores)
-    area, soft_sum, packed = op(kernels.contiguous(), feats3d, image.contiguous(), threshold,
-                                pack_masks)
-    return (area, soft_sum, packed) if pack_masks else (area, soft_sum)
-
-
-def _check_threshold(op: str, threshold: object) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not math.isfinite(threshold):
-        raise ValueError(f"{op}: threshold must be a finite number, got {threshold!r}")
-
-
-def _check_inputs(kernels: object, mask_feats: object, image: object, threshold: object,
-                  pack_masks: object) -> None:
-    op = "dynamic_mask_scores"
-    if not isinstance(pack_masks, bool):
-        raise TypeError(f"{op}: pack_masks must be a bool, got {type(pack_masks).__name__}")
-    named = {"kernels": kernels, "mask_feats": mask_feats, "image": image}
-    for name, value in named.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if mask_feats.dim() != 4:
-        raise ValueError(f"{op}: mask_feats must be (N, E, H, W), got shape "
-                         f"{tuple(mask_feats.shape)} ({mask_feats.dim()}-D)")
-    if mask_feats.dtype not in _FEATURE_DTYPES:
-        raise TypeError(f"{op}: mask_feats must be float16, bfloat16, float32 or float64, "
-                        f"got {mask_feats.dtype}")
-    channels = mask_feats.shape[1]
-    if kernels.dim() != 2 or kernels.shape[1] != channels:
-        raise ValueError(f"{op}: kernels must be (K, E) with E = {channels} as mask_feats, got "
-                         f"shape {tuple(kernels.shape)}")
-    if kernels.dtype != mask_feats.dtype:
-        raise TypeError(f"{op}: kernels must have mask_feats' dtype {mask_feats.dtype}, "
-                        f"got {kernels.dtype}")
-    num = kernels.shape[0]
-    if image.shape != (num,):
-        raise ValueError(f"{op}: image must have shape (K,) = ({num},), one entry per kernel, "
-                         f"got {tuple(image.shape)}")
-    if image.dtype != torch.int64:
-        raise TypeError(f"{op}: image must be int64, got {image.dtype}")
-    for name, value in named.items():
-        if value.device != mask_feats.device:
-            raise ValueError(f"{op}: {name} is on {value.device} but mask_feats is on "
-                             f"{mask_feats.device}; all must be on the same device")
-    _check_threshold(op, threshold)
-    # The range is data: checked eagerly (one device-to-host copy), not while torch.compile
-    # traces (the kernels check it again), nor on meta tensors, which hold no values.
-    if num == 0 or mask_feats.device.type == "meta" or torch.compiler.is_compiling():
-        return
-    low, high = torch.stack([image.min(), image.max()]).tolist()
-    images = mask_feats.shape[0]
-    if low < 0 or high >= images:
-        raise ValueError(f"{op}: image must lie in [0, N) = [0, {images}), got values in "
-                         f"[{low}, {high}]")
+    scores = (torch.ops.solo_fast.dynamic_mask_scores_triton if chosen == "triton"
+              else torch.ops.solo_fast.dynamic_mask_scores)
+    area, soft_sum, packed = scores(kernels.contiguous(), feats3d, image.contiguous(), threshold,
+                                    pack_masks, bool(check_index))
+    return MaskScores(area, soft_sum, packed if pack_masks else None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Registration: fake kernels (shapes only, for torch.compile and meta tensors), the same for the
-# compiled op and the Triton op. No autograd: the outputs are counts and thresholded sums.
+# Registration: the Triton op (the compiled one is declared in csrc/solo_fast.cpp) and the fake
+# kernels of both. No autograd: the outputs are counts and thresholded sums.
 
 def _fake(kernels: Tensor, mask_feats: Tensor, image: Tensor, threshold: float,
-          pack_masks: bool):
+          pack_masks: bool, check_index: bool = True):
     num = kernels.shape[0]
     words = (mask_feats.shape[2] + 63) // 64
     return (mask_feats.new_empty((num,), dtype=torch.int64),
@@ -157,11 +129,15 @@ def _fake(kernels: Tensor, mask_feats: Tensor, image: Tensor, threshold: float,
 
 @torch.library.custom_op("solo_fast::dynamic_mask_scores_triton", mutates_args=())
 def _dynamic_mask_scores_triton(kernels: Tensor, mask_feats: Tensor, image: Tensor,
-                                threshold: float, pack_masks: bool
+                                threshold: float, pack_masks: bool, check_index: bool = True
                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    # Lazy: Triton is optional, and imported only when its backend runs.
     from solo_fast.kernels import dynamic_mask_scores as triton_kernels
 
-    return triton_kernels.dynamic_mask_scores(kernels, mask_feats, image, threshold, pack_masks)
+    _OP_CONTRACT.check(kernels=kernels, mask_feats=mask_feats, image=image)
+    # The launcher checks image's range itself, in the copy that reads its grid size.
+    return triton_kernels.dynamic_mask_scores_triton(kernels, mask_feats, image, threshold,
+                                                     pack_masks, check_index=check_index)
 
 
 _dynamic_mask_scores_triton.register_fake(_fake)

@@ -50,13 +50,39 @@ import torch
 from torch import Tensor
 
 from solo_fast.ops._backend import choose_backend
+from solo_fast.ops._checks import INDEX, MASK, Arg, Contract
 from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import matrix_nms_reference, unpack_masks_reference
 
 __all__ = ["PackedMasks", "batched_matrix_nms", "matrix_nms"]
 
 _KERNELS = {"gaussian": 0, "linear": 1}
-_AREA_DTYPES = (torch.float32, torch.float64)
+_PER_MASK = ", one entry per mask"
+_CANDIDATES = (
+    Arg("labels", "N", ("integer",), dtype_text="an integer dtype", note=_PER_MASK),
+    Arg("scores", "N", ("floating",), note=_PER_MASK),
+    Arg("mask_area", "N", (torch.float32, torch.float64), note=_PER_MASK, optional=True),
+)
+_IMAGE_IDS = Arg("image_ids", "N", INDEX, below="num_images", note=_PER_MASK)
+# Per op, the contract of (N, H, W) masks and that of PackedMasks (whose bits _check_packed has
+# checked: only their count and device remain).
+_CONTRACTS = {
+    (op, packed): Contract(op, (
+        Arg("masks", "N Wd") if packed else
+        Arg("masks", "N H W", MASK, dtype_text="bool, uint8 or floating (0/1)"),
+        *_CANDIDATES, *((_IMAGE_IDS,) if op == "batched_matrix_nms" else ())),
+        spell_letters=False)
+    for op in ("matrix_nms", "batched_matrix_nms") for packed in (False, True)}
+# The Triton ops' contracts (the compiled ops check the same in csrc/op_checks.h).
+_PACK_CONTRACT = Contract("matrix_nms_triton_pack", (
+    Arg("masks", "n H W", (torch.bool, torch.uint8)),
+))
+_DECAY_CONTRACT = Contract("matrix_nms_triton_decay", (
+    Arg("packed", "n Wd", INDEX),
+    Arg("labels", "n", INDEX),
+    Arg("areas", "n", (torch.float32, torch.float64)),
+    Arg("segments", "B", INDEX),
+))
 
 
 class PackedMasks(NamedTuple):
@@ -112,7 +138,8 @@ def matrix_nms(masks: Tensor | PackedMasks, labels: Tensor, scores: Tensor,
             an unknown kernel name or a bad sigma.
     """
     op = "matrix_nms"
-    _check_inputs(op, masks, labels, scores, mask_area, kernel, sigma)
+    _check_inputs(op, masks, labels=labels, scores=scores, mask_area=mask_area, kernel=kernel,
+                  sigma=sigma)
     device, num = _device_and_count(masks)
     chosen = _choose(op, device, backend)
     if chosen == "reference" or num == 0:
@@ -143,7 +170,7 @@ def batched_matrix_nms(masks: Tensor | PackedMasks, labels: Tensor, scores: Tens
                        image_ids: Tensor, *, num_images: int, filter_thr: float = -1,
                        nms_pre: int = -1, max_num: int = -1, kernel: str = "gaussian",
                        sigma: float = 2.0, mask_area: Tensor | None = None,
-                       backend: str | None = None
+                       backend: str | None = None, check_index: bool = True
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Matrix NMS of a whole batch in one fused call; per image the result of :func:`matrix_nms`.
 
@@ -159,6 +186,9 @@ def batched_matrix_nms(masks: Tensor | PackedMasks, labels: Tensor, scores: Tens
         num_images: B, the number of images (images without candidates included).
         filter_thr, nms_pre, max_num, kernel, sigma, mask_area, backend: as in
             :func:`matrix_nms`; nms_pre and max_num count per image.
+        check_index: check that image_ids lie in [0, num_images), here, on every backend: one
+            device-to-host copy of their minimum and maximum (a synchronisation on a GPU). Pass
+            False only for ids built in range (as the post-processing builds them).
 
     Returns:
         ``(scores, labels, masks, keep_inds, counts)``: the kept candidates of image 0, then
@@ -174,8 +204,13 @@ def batched_matrix_nms(masks: Tensor | PackedMasks, labels: Tensor, scores: Tens
             or outside [0, num_images).
     """
     op = "batched_matrix_nms"
-    _check_inputs(op, masks, labels, scores, mask_area, kernel, sigma)
-    _check_images(op, masks, image_ids, num_images)
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
+        raise ValueError(f"{op}: num_images must be an int >= 0, got {num_images!r}")
+    contract, tensors = _check_inputs(op, masks, labels=labels, scores=scores,
+                                      mask_area=mask_area, image_ids=image_ids, kernel=kernel,
+                                      sigma=sigma)
+    if check_index:
+        contract.check_ranges({"num_images": num_images}, **tensors)
     device, _ = _device_and_count(masks)
     chosen = _choose(op, device, backend)
     if chosen == "reference":
@@ -343,46 +378,25 @@ def _choose(op: str, device: torch.device, backend: str | None) -> str:
     return chosen
 
 
-def _check_inputs(op: str, masks: object, labels: object, scores: object, mask_area: object,
-                  kernel: object, sigma: object) -> None:
+def _check_inputs(op: str, masks: object, *, kernel: object, sigma: object,
+                  **candidates: object) -> tuple[Contract, dict[str, object]]:
+    """Checks every argument; returns the contract that held and its tensors (for the ranges)."""
     packed = isinstance(masks, PackedMasks)
-    named = {"masks": masks.bits if packed else masks, "labels": labels, "scores": scores}
-    if mask_area is not None:
-        named["mask_area"] = mask_area
-    for name, value in named.items():
-        if not isinstance(value, Tensor):
-            what = "masks.bits" if packed and name == "masks" else name
-            extra = " or a PackedMasks" if name == "masks" and not packed else ""
-            raise TypeError(f"{op}: {what} must be a torch.Tensor{extra}, got "
-                            f"{type(value).__name__}")
     if packed:
         _check_packed(op, masks)
-    elif masks.dim() != 3:
-        raise ValueError(f"{op}: masks must be 3-D (N, H, W), got shape {tuple(masks.shape)}")
-    elif not (masks.dtype in (torch.bool, torch.uint8) or masks.dtype.is_floating_point):
-        raise TypeError(f"{op}: masks must be bool, uint8 or floating (0/1), got {masks.dtype}")
-    num = named["masks"].shape[0]
-    for name, value in named.items():
-        if name != "masks" and (value.dim() != 1 or value.shape[0] != num):
-            raise ValueError(f"{op}: {name} must have shape ({num},), one entry per mask, "
-                             f"got {tuple(value.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{op}: labels must be an integer dtype, got {labels.dtype}")
-    if not scores.dtype.is_floating_point:
-        raise TypeError(f"{op}: scores must be floating, got {scores.dtype}")
-    if mask_area is not None and mask_area.dtype not in _AREA_DTYPES:
-        raise TypeError(f"{op}: mask_area must be float32 or float64, got {mask_area.dtype}")
-    device = named["masks"].device
-    for name, value in named.items():
-        if value.device != device:
-            raise ValueError(f"{op}: {name} is on {value.device} but masks is on "
-                             f"{device}; all must be on the same device")
+    elif not isinstance(masks, Tensor):
+        raise TypeError(f"{op}: masks must be a torch.Tensor or a PackedMasks, got "
+                        f"{type(masks).__name__}")
+    contract = _CONTRACTS[op, packed]
+    tensors = dict(masks=masks.bits if packed else masks, **candidates)
+    contract.check(**tensors)
     if not isinstance(kernel, str) or kernel not in _KERNELS:
         raise ValueError(f"{op}: kernel must be one of {tuple(_KERNELS)}, got {kernel!r}")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or (
             kernel == "gaussian" and not (math.isfinite(sigma) and sigma >= 0)):
         raise ValueError(f"{op}: sigma must be a finite number >= 0 (the gaussian kernel decays "
                          f"with the IoU), got {sigma!r}")
+    return contract, tensors
 
 
 def _check_packed(op: str, masks: PackedMasks) -> None:
@@ -391,6 +405,8 @@ def _check_packed(op: str, masks: PackedMasks) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{op}: masks.{name} must be an int >= 0, got {value!r}")
     bits = masks.bits
+    if not isinstance(bits, Tensor):
+        raise TypeError(f"{op}: masks.bits must be a torch.Tensor, got {type(bits).__name__}")
     if bits.dtype != torch.int64:
         raise TypeError(f"{op}: masks.bits must be int64 (64 pixels a word), got {bits.dtype}")
     words = -(-masks.height * masks.width // 64)
@@ -398,28 +414,6 @@ def _check_packed(op: str, masks: PackedMasks) -> None:
         raise ValueError(f"{op}: masks.bits must have shape (N, Wd) with Wd = ceil(height * "
                          f"width / 64) = ceil({masks.height} * {masks.width} / 64) = {words}, "
                          f"got {tuple(bits.shape)}")
-
-
-def _check_images(op: str, masks: Tensor | PackedMasks, image_ids: object,
-                  num_images: object) -> None:
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-        raise ValueError(f"{op}: num_images must be an int >= 0, got {num_images!r}")
-    if not isinstance(image_ids, Tensor):
-        raise TypeError(f"{op}: image_ids must be a torch.Tensor, got {type(image_ids).__name__}")
-    device, num = _device_and_count(masks)
-    if image_ids.dim() != 1 or image_ids.shape[0] != num:
-        raise ValueError(f"{op}: image_ids must have shape ({num},), one entry per mask, "
-                         f"got {tuple(image_ids.shape)}")
-    if image_ids.dtype != torch.int64:
-        raise TypeError(f"{op}: image_ids must be int64, got {image_ids.dtype}")
-    if image_ids.device != device:
-        raise ValueError(f"{op}: image_ids is on {image_ids.device} but masks is on "
-                         f"{device}; all must be on the same device")
-    if num and image_ids.device.type != "meta":
-        low, high = torch.stack([image_ids.min(), image_ids.max()]).tolist()
-        if low < 0 or high >= num_images:
-            raise ValueError(f"{op}: image_ids must lie in [0, num_images) = [0, {num_images}), "
-                             f"got values in [{low}, {high}]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,16 +436,30 @@ def _fake_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Tensor,
 
 @torch.library.custom_op("solo_fast::matrix_nms_triton_pack", mutates_args=())
 def _matrix_nms_triton_pack(masks: Tensor) -> Tensor:
+    # Lazy: Triton is optional, and imported only when its backend runs.
     from solo_fast.kernels import matrix_nms as triton_kernels
 
+    _PACK_CONTRACT.check(masks=masks)
     return triton_kernels.matrix_nms_pack(masks)
 
 
 @torch.library.custom_op("solo_fast::matrix_nms_triton_decay", mutates_args=())
 def _matrix_nms_triton_decay(packed: Tensor, labels: Tensor, areas: Tensor, segments: Tensor,
                              kernel: int, sigma: float) -> Tensor:
-    from solo_fast.kernels import matrix_nms as triton_kernels
+    from solo_fast.kernels import matrix_nms as triton_kernels  # lazy, as above
 
+    op = _DECAY_CONTRACT.op
+    _DECAY_CONTRACT.check(packed=packed, labels=labels, areas=areas, segments=segments)
+    if len(segments) < 1 or kernel not in _KERNELS.values():
+        raise ValueError(f"{op}: segments must be (B + 1,) offsets with B >= 0 and kernel one of "
+                         f"{tuple(_KERNELS.values())}, got {len(segments)} offsets and {kernel}")
+    # Their values are data: read only where that costs no synchronisation. Offsets that do not
+    # partition [0, n) give a wrong grouping but no access out of bounds.
+    if not segments.is_cuda and not (
+            segments[0] == 0 and segments[-1] == len(packed)
+            and bool((segments[1:] >= segments[:-1]).all())):
+        raise ValueError(f"{op}: segments must be nondecreasing offsets from 0 to n = "
+                         f"{len(packed)}, got {segments.tolist()}")
     return triton_kernels.matrix_nms_decay(packed, labels, areas, segments, kernel, sigma)
 
 

@@ -12,7 +12,8 @@ The compiled kernel (``torch.ops.solo_fast.solo_mask_scores``, C++ on CPU, CUDA 
 Triton kernel (``torch.ops.solo_fast.solo_mask_scores_triton``) share one contract:
 
 * mask_preds (N, Q, h, w) contiguous, one floating dtype, one level; image, channel (K,) int64;
-  out_height, out_width; threshold a float; logits a bool;
+  out_height, out_width; threshold a float; logits a bool; check_index (default True): check
+  the index ranges (one device-to-host copy) before any kernel reads them;
 * -> (area (K,) int64, soft_sum (K,) float64).
 
 The resize reproduces torch's CPU arithmetic bit for bit (``csrc/solo_mask_scores.h``), except
@@ -29,19 +30,27 @@ import torch
 from torch import Tensor
 
 from solo_fast.ops._backend import choose_backend
+from solo_fast.ops._checks import FLOATING, INDEX, Arg, Contract
+from solo_fast.ops._common import MaskScores, check_bool, check_number
 from solo_fast.ops._extension import has_ops
-from solo_fast.ops.dynamic_mask_scores import _check_threshold
 from solo_fast.ops.reference import solo_mask_scores_reference
 
 __all__ = ["solo_mask_scores"]
 
-_PROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_MAX = 2**31 - 1  # the kernels index the maps with int
+# The public function's contract and the ops' (the compiled op checks the same in
+# csrc/op_checks.h): the same tensors.
+_CONTRACT = Contract("solo_mask_scores", (
+    Arg("mask_preds", "N Q h w", FLOATING),
+    Arg("image", "K", INDEX, below="N"),
+    Arg("channel", "K", INDEX, below="Q"),
+))
+_OP_CONTRACT = Contract("solo_mask_scores_triton", _CONTRACT.args)
 
 
 def solo_mask_scores(mask_preds: Tensor, image: Tensor, channel: Tensor, *,
                      size: tuple[int, int], threshold: float, logits: bool = True,
-                     backend: str | None = None) -> tuple[Tensor, Tensor]:
+                     backend: str | None = None, check_index: bool = True) -> MaskScores:
     """Area and soft sum of every SOLO candidate's mask, fused: no (K, H, W) temporary.
 
     Args:
@@ -58,82 +67,52 @@ def solo_mask_scores(mask_preds: Tensor, image: Tensor, channel: Tensor, *,
             ``mask_preds.sigmoid()``); False: probabilities, resized as given.
         backend: ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; None takes
             ``SOLO_FAST_BACKEND`` or the fastest tested backend for mask_preds' device.
+        check_index: check that image lies in [0, N) and channel in [0, Q), reading their
+            bounds in one device-to-host copy (a synchronisation on a GPU) where they are read:
+            in this function for the reference backend, in the compiled or Triton op otherwise.
+            Pass False for indices built in range (as the post-processing builds them) to skip
+            the copy; out-of-range indices would then read out of bounds.
 
     Returns:
-        ``(area, soft_sum)`` on mask_preds' device: area (K,) int64, the number of mask pixels;
-        soft_sum (K,) float64, the sum of the soft mask over them.
+        A :class:`~solo_fast.ops.MaskScores` on mask_preds' device: area (K,) int64, the number
+        of mask pixels; soft_sum (K,) float64, the sum of the soft mask over them; packed None.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type, dtype, rank, shape or device, or
             an index is out of range.
     """
-    height, width = _check_inputs(mask_preds, image, channel, size, threshold, logits)
-    threshold = float(threshold)
-    chosen = choose_backend("solo_mask_scores", mask_preds.device, backend)
-    if chosen == "reference":
-        return solo_mask_scores_reference(mask_preds, image, channel, size=(height, width),
-                                          threshold=threshold, logits=logits)
-    op = (torch.ops.solo_fast.solo_mask_scores_triton if chosen == "triton"
-          else torch.ops.solo_fast.solo_mask_scores)
-    return op(mask_preds.contiguous(), image.contiguous(), channel.contiguous(), height, width,
-              threshold, logits)
-
-
-def _check_inputs(mask_preds: object, image: object, channel: object, size: object,
-                  threshold: object, logits: object) -> tuple[int, int]:
     op = "solo_mask_scores"
-    named = {"mask_preds": mask_preds, "image": image, "channel": channel}
-    for name, value in named.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if mask_preds.dim() != 4:
-        raise ValueError(f"{op}: mask_preds must be (N, Q, h, w), got shape "
-                         f"{tuple(mask_preds.shape)} ({mask_preds.dim()}-D)")
-    if mask_preds.dtype not in _PROB_DTYPES:
-        raise TypeError(f"{op}: mask_preds must be float16, bfloat16, float32 or float64, "
-                        f"got {mask_preds.dtype}")
+    tensors = {"mask_preds": mask_preds, "image": image, "channel": channel}
+    sizes = _CONTRACT.check(**tensors)
     if not (1 <= min(mask_preds.shape[2:]) and max(mask_preds.shape[2:]) <= _INT_MAX):
         raise ValueError(f"{op}: mask_preds' maps (h, w) must be at least 1 x 1 (and below "
                          f"2^31 a side), got shape {tuple(mask_preds.shape)}")
-    if image.dim() != 1:
-        raise ValueError(f"{op}: image must be 1-D (K,), got shape {tuple(image.shape)}")
-    num = image.shape[0]
-    for name in ("image", "channel"):
-        index = named[name]
-        if index.shape != (num,):
-            raise ValueError(f"{op}: {name} must have shape (K,) = ({num},) as image, "
-                             f"got {tuple(index.shape)}")
-        if index.dtype != torch.int64:
-            raise TypeError(f"{op}: {name} must be int64, got {index.dtype}")
-        if index.device != mask_preds.device:
-            raise ValueError(f"{op}: {name} is on {index.device} but mask_preds is on "
-                             f"{mask_preds.device}; all must be on the same device")
     if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
             or not all(1 <= v <= _INT_MAX for v in size)):
         raise ValueError(f"{op}: size must be a pair of positive ints (H, W), got {size!r}")
-    if not isinstance(logits, bool):
-        raise TypeError(f"{op}: logits must be a bool, got {type(logits).__name__}")
-    _check_threshold(op, threshold)
-    # The ranges are data: checked eagerly (one device-to-host copy), not while torch.compile
-    # traces (the kernels check them again), nor on meta tensors, which hold no values.
-    if num > 0 and mask_preds.device.type != "meta" and not torch.compiler.is_compiling():
-        n, q = mask_preds.shape[:2]
-        bounds = torch.stack([image.min(), image.max(), channel.min(), channel.max()]).tolist()
-        for (name, limit, letter), low, high in zip((("image", n, "N"), ("channel", q, "Q")),
-                                                    bounds[0::2], bounds[1::2]):
-            if low < 0 or high >= limit:
-                raise ValueError(f"{op}: {name} must lie in [0, {letter}) = [0, {limit}), got "
-                                 f"values in [{low}, {high}]")
-    return int(size[0]), int(size[1])
+    check_bool(op, "logits", logits)
+    threshold = check_number(op, "threshold", threshold)
+    height, width = int(size[0]), int(size[1])
+    chosen = choose_backend(op, mask_preds.device, backend)
+    if chosen == "reference":
+        if check_index:
+            _CONTRACT.check_ranges(sizes, **tensors)
+        return MaskScores(*solo_mask_scores_reference(mask_preds, image, channel,
+                                                      size=(height, width), threshold=threshold,
+                                                      logits=logits))
+    scores = (torch.ops.solo_fast.solo_mask_scores_triton if chosen == "triton"
+              else torch.ops.solo_fast.solo_mask_scores)
+    return MaskScores(*scores(mask_preds.contiguous(), image.contiguous(), channel.contiguous(),
+                              height, width, threshold, logits, bool(check_index)))
 
 
 # ----------------------------------------------------------------------------------------------
-# Registration: fake kernels (shapes only, for torch.compile and meta tensors), the same for the
-# compiled op and the Triton op. No autograd.
+# Registration: the Triton op (the compiled one is declared in csrc/solo_fast.cpp) and the fake
+# kernels of both. No autograd: inference only.
 
 def _fake(mask_preds: Tensor, image: Tensor, channel: Tensor, out_height: int, out_width: int,
-          threshold: float, logits: bool):
+          threshold: float, logits: bool, check_index: bool = True):
     num = image.shape[0]
     return (mask_preds.new_empty((num,), dtype=torch.int64),
             mask_preds.new_empty((num,), dtype=torch.float64))
@@ -142,11 +121,13 @@ def _fake(mask_preds: Tensor, image: Tensor, channel: Tensor, out_height: int, o
 @torch.library.custom_op("solo_fast::solo_mask_scores_triton", mutates_args=())
 def _solo_mask_scores_triton(mask_preds: Tensor, image: Tensor, channel: Tensor,
                              out_height: int, out_width: int, threshold: float,
-                             logits: bool) -> tuple[Tensor, Tensor]:
+                             logits: bool, check_index: bool = True) -> tuple[Tensor, Tensor]:
+    # Lazy: Triton is optional, and imported only when its backend runs.
     from solo_fast.kernels import solo_mask_scores as triton_kernels
 
-    return triton_kernels.solo_mask_scores(mask_preds, image, channel, out_height, out_width,
-                                           threshold, logits)
+    _OP_CONTRACT.check(ranges=check_index, mask_preds=mask_preds, image=image, channel=channel)
+    return triton_kernels.solo_mask_scores_triton(mask_preds, image, channel, out_height,
+                                                  out_width, threshold, logits)
 
 
 _solo_mask_scores_triton.register_fake(_fake)

@@ -71,9 +71,10 @@ class DecoupledMasks(CandidateMasks):
 
     def scores(self, threshold: float, backend: str | None) -> ops.MaskScores:
         maps = self.probs[None]  # (1, U, H4, W4): one "image" holding every map of the batch
-        scored = ops.decoupled_mask_scores(maps, maps, torch.zeros_like(self.row), self.row,
-                                           self.col, threshold=threshold, backend=backend)
-        return ops.MaskScores(scored[0], scored[1], None)
+        # row and col index the maps built above: in range by construction
+        return ops.decoupled_mask_scores(maps, maps, torch.zeros_like(self.row), self.row,
+                                         self.col, threshold=threshold, backend=backend,
+                                         check_index=False)
 
     def soft(self, index: Tensor) -> Tensor:
         # in place: one gathered chunk fewer (multiplication commutes exactly, so these are

@@ -113,7 +113,8 @@ def predict_fused(masks: CandidateMasks, candidates: Candidates, *, test_cfg: Te
                 > test_cfg.mask_thr
     kept = matrix_nms_by_image(binary, candidates.label[chosen], nms_scores,
                                area[chosen].to(nms_scores.dtype), candidates.image[chosen],
-                               num_images=num_images, test_cfg=test_cfg, backend=backend)
+                               num_images=num_images, test_cfg=test_cfg, backend=backend,
+                               check_index=False)
     del binary, scored  # the packed masks of every candidate are no longer needed
 
     canvas = (masks.size[0] * mask_stride, masks.size[1] * mask_stride)
@@ -151,7 +152,8 @@ def nms_pre_cut(scores: Tensor, image: Tensor, nms_pre: int) -> Tensor:
 
 def matrix_nms_by_image(masks: Tensor | ops.PackedMasks, labels: Tensor, scores: Tensor,
                         mask_area: Tensor, image: Tensor, *, num_images: int,
-                        test_cfg: TestConfig, backend: str | None = None) -> list[NMSResult]:
+                        test_cfg: TestConfig, backend: str | None = None,
+                        check_index: bool = True) -> list[NMSResult]:
     """Matrix NMS of every image of a batch with ``test_cfg``'s settings, split per image
     (docs/algorithms.md §11): one :func:`solo_fast.ops.batched_matrix_nms` call.
 
@@ -166,6 +168,8 @@ def matrix_nms_by_image(masks: Tensor | ops.PackedMasks, labels: Tensor, scores:
         num_images: N, the batch size (images without candidates get empty results).
         test_cfg: nms_pre, max_per_img, kernel, sigma, filter_thr.
         backend: The op's backend (None: its default).
+        check_index: Check that ``image`` lies in [0, num_images) (one device-to-host copy);
+            the fused path passes False, its candidates' images being in range by construction.
 
     Returns:
         N results: per image the kept candidates' indices into these inputs, decayed scores and
@@ -174,7 +178,8 @@ def matrix_nms_by_image(masks: Tensor | ops.PackedMasks, labels: Tensor, scores:
     nms_scores, nms_labels, _, keep, counts = ops.batched_matrix_nms(
         masks, labels, scores, image, num_images=num_images, mask_area=mask_area,
         nms_pre=test_cfg.nms_pre, max_num=test_cfg.max_per_img, kernel=test_cfg.kernel,
-        sigma=test_cfg.sigma, filter_thr=test_cfg.filter_thr, backend=backend)
+        sigma=test_cfg.sigma, filter_thr=test_cfg.filter_thr, backend=backend,
+        check_index=check_index)
     split = counts.tolist()
     return [NMSResult(*parts) for parts in zip(keep.split(split), nms_scores.split(split),
                                                nms_labels.split(split))]

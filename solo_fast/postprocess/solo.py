@@ -55,10 +55,11 @@ class SOLOMasks(CandidateMasks):
             index = (level == index_level).nonzero().squeeze(1)  # (K_l,)
             if index.numel() == 0:
                 continue
+            # the candidates' indices come from select_candidates: in range by construction
             scored = ops.solo_mask_scores(maps, image[index], local[index], size=self.size,
                                           threshold=threshold, logits=self.activate,
-                                          backend=backend)
-            area[index], soft_sum[index] = scored[0], scored[1]
+                                          backend=backend, check_index=False)
+            area[index], soft_sum[index] = scored.area, scored.soft_sum
         return ops.MaskScores(area, soft_sum, None)
 
     def soft(self, index: Tensor) -> Tensor:

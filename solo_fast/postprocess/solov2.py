@@ -48,10 +48,11 @@ class DynamicMasks(CandidateMasks):
             self.kernels[index] = flat[candidates.image[index], :, candidates.local[index]]
 
     def scores(self, threshold: float, backend: str | None) -> ops.MaskScores:
-        # the binary masks come with the scores: matrix NMS takes them packed as they are
-        scored = ops.dynamic_mask_scores(self.kernels, self.mask_feats, self.image,
-                                         threshold=threshold, backend=backend, pack_masks=True)
-        return ops.MaskScores(*scored)
+        # the binary masks come with the scores: matrix NMS takes them packed as they are; the
+        # candidates' images come from select_candidates, in range by construction
+        return ops.dynamic_mask_scores(self.kernels, self.mask_feats, self.image,
+                                       threshold=threshold, backend=backend, pack_masks=True,
+                                       check_index=False)
 
     def soft(self, index: Tensor) -> Tensor:
         out = self.mask_feats.new_empty((len(index), *self.size))  # (k, H4, W4)

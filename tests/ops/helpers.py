@@ -1,4 +1,5 @@
-"""Shared by the op tests and the benchmarks: input makers, the references, memory measurement.
+"""Shared by the op tests and the benchmarks: input makers, the references, backend and
+closeness checks, loss-and-gradient runs, memory measurement.
 
 The input makers and the memory measurement live in ``solo_fast.bench`` (``solo-fast bench``
 runs the benchmarks' cases from an installed package); they are re-exported here.
@@ -17,10 +18,45 @@ from solo_fast.bench.measure import (
     providers,
     resident_memory,
 )
+from solo_fast.ops import available_backends, choose_backend
 from solo_fast.ops.reference import dice_loss_reference
 
-__all__ = ["benchmark_case", "benchmark_cases", "benchmark_op", "benchmark_parameters",
-           "dice_loss_reference", "make_dice_inputs", "peak_memory_increase", "peak_memory_mb", "resident_memory"]
+__all__ = ["assert_close_scaled", "benchmark_case", "benchmark_cases", "benchmark_op",
+           "benchmark_parameters", "dice_loss_reference", "loss_and_grads", "make_dice_inputs",
+           "peak_memory_increase", "peak_memory_mb", "require_backend", "resident_memory",
+           "skip_bfloat16_triton"]
+
+
+def require_backend(op: str, backend: str, device: str = "cpu") -> None:
+    """Fails unless ``backend`` really runs ``op`` on ``device``."""
+    # A backend that fell back to the reference would compare the reference with itself.
+    assert choose_backend(op, torch.device(device), backend) == backend, (
+        f"backend {backend} is not available on {device}: {available_backends(device)}")
+
+
+def skip_bfloat16_triton(backend: str, dtype: torch.dtype) -> None:
+    """Skips a CPU test of Triton on bfloat16, which its interpreter does not have."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
+                    "interpreter has no bfloat16")
+
+
+def assert_close_scaled(actual, expected, rtol):
+    """assert_close with the tolerance relative to the expected tensor's largest magnitude:
+    gradients have entries that are ~0."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30)
+
+
+def loss_and_grads(loss_fn, inputs, weights, *, num_grads: int, **kwargs):
+    """(loss, *gradients) of ``sum(weights * loss_fn(*inputs, **kwargs))`` with respect to the
+    first ``num_grads`` inputs (fresh leaves; zeros where the loss does not use them)."""
+    leaves = [tensor.detach().clone().requires_grad_(True) for tensor in inputs[:num_grads]]
+    loss = loss_fn(*leaves, *inputs[num_grads:], **kwargs)
+    # No item: the op is still in the graph, and the gradients are zeros.
+    total = (loss * weights).sum() if loss.numel() else loss.sum()
+    grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+    return (loss.detach(), *grads)
 
 
 def benchmark_cases() -> list[tuple[str, str]]:

@@ -4,17 +4,17 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
 import torch
 
 from solo_fast.bench.inputs import make_decoupled_score_inputs
-from solo_fast.ops import available_backends, decoupled_mask_scores
-from solo_fast.ops._backend import choose_backend
+from solo_fast.ops import decoupled_mask_scores
 from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import decoupled_mask_scores_reference
-from tests.ops.helpers import peak_memory_increase
+from tests.ops.helpers import peak_memory_increase, require_backend, skip_bfloat16_triton
 
 CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
 # (N, C, (H, W), K): odd sizes; K = 0, 1 and many candidates sharing rows, columns and cells.
@@ -22,16 +22,15 @@ SHAPES = [(n, c, hw, k) for n, c, hw, k in itertools.product(
     (1, 3), (3, 12), ((7, 9), (37, 53)), (0, 1, 40))]
 
 
-def _require(backend: str, device: str = "cpu") -> None:
-    # A backend that fell back to the reference would compare the reference with itself.
-    assert choose_backend("decoupled_mask_scores", torch.device(device), backend) == backend, (
-        f"backend {backend} is not available on {device}: {available_backends(device)}")
+
+
+_require = functools.partial(require_backend, "decoupled_mask_scores")
 
 
 def _compare(backend, inputs, *, threshold=0.5):
     x_probs, _, image, _, _ = inputs
     # The products are the reference's bit for bit: only the float64 sum's order differs.
-    area, soft_sum = decoupled_mask_scores(*inputs, threshold=threshold, backend=backend)
+    area, soft_sum, _ = decoupled_mask_scores(*inputs, threshold=threshold, backend=backend)
     ref_area, ref_soft_sum = decoupled_mask_scores_reference(*inputs, threshold=threshold)
     assert area.dtype == torch.int64 and area.shape == image.shape
     assert soft_sum.dtype == torch.float64 and soft_sum.shape == image.shape
@@ -94,7 +93,7 @@ def test_many_candidates_on_few_rows(backend):
 def test_empty_inputs(backend, num_images, channels, size, num):
     _require(backend)
     x, y, image, row, col = make_decoupled_score_inputs(max(num_images, 1), channels, size, num)
-    area, soft_sum = decoupled_mask_scores(x[:num_images], y[:num_images], image, row, col,
+    area, soft_sum, _ = decoupled_mask_scores(x[:num_images], y[:num_images], image, row, col,
                                            threshold=0.5, backend=backend)
     assert area.shape == (num,) and area.dtype == torch.int64 and not area.any()
     assert soft_sum.shape == (num,) and soft_sum.dtype == torch.float64 and not soft_sum.any()
@@ -106,11 +105,9 @@ def test_half_inputs(backend, dtype):
     """float16 / bfloat16: multiplied in float32 and rounded to the inputs' dtype, as torch's
     product, so the masks are the reference's exactly."""
     _require(backend)
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
-                    "interpreter has no bfloat16, KERNELS.md section 3")
+    skip_bfloat16_triton(backend, dtype)
     inputs = make_decoupled_score_inputs(2, 5, (21, 29), 12, dtype=dtype, seed=5)
-    area, soft_sum = decoupled_mask_scores(*inputs, threshold=0.5, backend=backend)
+    area, soft_sum, _ = decoupled_mask_scores(*inputs, threshold=0.5, backend=backend)
     x, y, image, row, col = inputs
     soft = (y.float()[image, row] * x.float()[image, col]).to(dtype)  # (K, H, W)
     masks = soft > 0.5
@@ -129,7 +126,8 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     several = decoupled_mask_scores(*inputs, threshold=0.5, backend="cpu")
-    for a, b in zip(single, several):
+    assert single.packed is None and several.packed is None
+    for a, b in zip(single[:2], several[:2]):
         assert torch.equal(a, b)
 
 
@@ -223,7 +221,7 @@ def test_traces_under_torch_compile():
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def score(x, y, image, row, col):
-        area, soft_sum = decoupled_mask_scores(x, y, image, row, col, threshold=0.5,
+        area, soft_sum, _ = decoupled_mask_scores(x, y, image, row, col, threshold=0.5,
                                                backend="cpu")
         return soft_sum / area.clamp(min=1)
 
@@ -241,7 +239,7 @@ def test_gpu_matches_reference(backend, dtype, num_images, channels, size, num):
     _require(backend, "cuda")
     inputs = make_decoupled_score_inputs(num_images, channels, size, num, dtype=dtype,
                                          device="cuda", seed=num)
-    area, soft_sum = decoupled_mask_scores(*inputs, threshold=0.5, backend=backend)
+    area, soft_sum, _ = decoupled_mask_scores(*inputs, threshold=0.5, backend=backend)
     x, y, image, row, col = (t.cpu() for t in inputs)
     # torch's product in the inputs' dtype (float16 / bfloat16 via float32, rounded back).
     soft = (y.float()[image, row] * x.float()[image, col]).to(dtype) if dtype in (

@@ -2,39 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from solo_fast.ops import available_backends, dice_loss
+from solo_fast.ops import dice_loss
 from solo_fast.ops._backend import choose_backend
 from solo_fast.ops._extension import has_ops
-from tests.ops.helpers import dice_loss_reference, make_dice_inputs, peak_memory_increase
+from tests.ops.helpers import (
+    assert_close_scaled,
+    dice_loss_reference,
+    loss_and_grads,
+    make_dice_inputs,
+    peak_memory_increase,
+    require_backend,
+    skip_bfloat16_triton,
+)
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mmdet" / "dice_loss.pt"
 CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
 SHAPES = [(1, (1,)), (1, (37, 53)), (3, (37, 53)), (7, (1000,)), (5, (17, 23)), (2, (20000,))]
 
 
-def _require(backend: str, device: str = "cpu") -> None:
-    # A backend that fell back to the reference would compare the reference with itself.
-    assert choose_backend("dice_loss", torch.device(device), backend) == backend, (
-        f"backend {backend} is not available on {device}: {available_backends(device)}")
+_require = functools.partial(require_backend, "dice_loss")
 
 
 def _loss_and_grad(backend, pred, target, weights, **kwargs):
-    pred = pred.detach().clone().requires_grad_(True)
-    loss = dice_loss(pred, target, backend=backend, **kwargs)
-    (grad,) = torch.autograd.grad((loss * weights).sum(), pred)
-    return loss.detach(), grad
-
-
-def _assert_close(actual, expected, rtol):
-    # Relative to the tensor's largest magnitude: gradients have entries that are ~0.
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30)
+    return loss_and_grads(dice_loss, (pred, target), weights, num_grads=1, backend=backend,
+                          **kwargs)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -49,8 +47,8 @@ def test_matches_reference(backend, num_masks, pixels, dtype, logits):
     ref_loss, ref_grad = _loss_and_grad("reference", pred, target, weights, logits=logits)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     assert loss.dtype == dtype and loss.shape == (num_masks,)
-    _assert_close(loss, ref_loss, rtol)
-    _assert_close(grad, ref_grad, rtol)
+    assert_close_scaled(loss, ref_loss, rtol)
+    assert_close_scaled(grad, ref_grad, rtol)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -61,8 +59,8 @@ def test_target_dtypes(backend, target_dtype):
     weights = torch.rand(4)
     loss, grad = _loss_and_grad(backend, pred, target, weights)
     ref_loss, ref_grad = _loss_and_grad("reference", pred, target.bool(), weights)
-    _assert_close(loss, ref_loss, 1e-5)
-    _assert_close(grad, ref_grad, 1e-5)
+    assert_close_scaled(loss, ref_loss, 1e-5)
+    assert_close_scaled(grad, ref_grad, 1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -74,7 +72,7 @@ def test_all_zero_targets_and_perfect_predictions(backend):
     target[1] = True
     loss, grad = _loss_and_grad(backend, pred, target, torch.ones(3))
     ref_loss, ref_grad = _loss_and_grad("reference", pred, target, torch.ones(3))
-    _assert_close(loss, ref_loss, 1e-5)
+    assert_close_scaled(loss, ref_loss, 1e-5)
     assert loss[0].item() == pytest.approx(1.0) and loss[1].item() < 1e-4
     assert grad.abs().max().item() < 1e-6 and ref_grad.abs().max().item() < 1e-6
 
@@ -97,17 +95,15 @@ def test_empty_inputs(backend, shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_float32(backend, dtype):
     _require(backend)
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
-                    "interpreter has no bfloat16, KERNELS.md section 3")
+    skip_bfloat16_triton(backend, dtype)
     pred, target = make_dice_inputs(3, (41, 29), dtype=dtype)
     weights = torch.rand(3)
     loss, grad = _loss_and_grad(backend, pred, target, weights.to(dtype))
     # The reference run in float32 on the same half values: what float32 accumulation must give.
     ref_loss, ref_grad = _loss_and_grad("reference", pred.float(), target, weights)
     assert loss.dtype == dtype and grad.dtype == dtype
-    _assert_close(loss.float(), ref_loss, 1e-2)
-    _assert_close(grad.float(), ref_grad, 1e-2)
+    assert_close_scaled(loss.float(), ref_loss, 1e-2)
+    assert_close_scaled(grad.float(), ref_grad, 1e-2)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -163,13 +159,13 @@ def test_mmdetection_golden(backend, case):
         pred = leaves[0]
         names = ["grad_input"]
     loss = 3.0 * dice_loss(pred, inputs["target"], logits=logits, backend=backend)
-    _assert_close(loss.detach(), outputs["loss"], 1e-5)
+    assert_close_scaled(loss.detach(), outputs["loss"], 1e-5)
     if loss.numel() == 0:
         return
     for suffix, scale in (("sum", torch.ones_like(weights)), ("weighted", weights)):
         grads = torch.autograd.grad((loss * scale).sum(), leaves, retain_graph=True)
         for name, grad in zip(names, grads):
-            _assert_close(grad, outputs[f"{name}_{suffix}"], 1e-5)
+            assert_close_scaled(grad, outputs[f"{name}_{suffix}"], 1e-5)
 
 
 def test_fused_backward_allocates_only_the_gradient():
@@ -239,8 +235,8 @@ def test_traces_under_torch_compile():
     loss = loss_fn(pred, target)
     (grad,) = torch.autograd.grad(loss, pred)
     ref_loss, ref_grad = _loss_and_grad("reference", pred, target, torch.ones(3))
-    _assert_close(loss.detach(), ref_loss.sum(), 1e-5)
-    _assert_close(grad, ref_grad, 1e-5)
+    assert_close_scaled(loss.detach(), ref_loss.sum(), 1e-5)
+    assert_close_scaled(grad, ref_grad, 1e-5)
 
 
 @pytest.mark.gpu
@@ -255,5 +251,5 @@ def test_gpu_matches_reference(backend, dtype, num_masks, pixels):
     loss, grad = _loss_and_grad(backend, pred, target, weights)
     ref_loss, ref_grad = _loss_and_grad("reference", pred.double(), target, weights.double())
     rtol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 1e-2)
-    _assert_close(loss.double(), ref_loss, rtol)
-    _assert_close(grad.double(), ref_grad, rtol)
+    assert_close_scaled(loss.double(), ref_loss, rtol)
+    assert_close_scaled(grad.double(), ref_grad, rtol)

@@ -4,15 +4,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from solo_fast.bench.inputs import make_dynamic_dice_inputs as make_dynamic_inputs
-from solo_fast.ops import available_backends, dynamic_mask_dice_loss
-from solo_fast.ops._backend import choose_backend
+from solo_fast.ops import dynamic_mask_dice_loss
 from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import dynamic_mask_dice_loss_reference
-from tests.ops.helpers import peak_memory_increase
+from tests.ops.helpers import (
+    assert_close_scaled,
+    loss_and_grads,
+    peak_memory_increase,
+    require_backend,
+    skip_bfloat16_triton,
+)
 
 TRITON = "triton"
 CPU_BACKENDS = ["cpu", TRITON]  # the reference is what they are compared with
@@ -21,26 +28,14 @@ SHAPES = [(1, 7, (13, 17), 0), (1, 7, (13, 17), 1), (3, 7, (13, 17), 11), (2, 16
           (4, 5, (9, 11), 6)]
 
 
-def _require(backend: str, device: str = "cpu") -> None:
-    # A backend that fell back to the reference would compare the reference with itself.
-    assert choose_backend("dynamic_mask_dice_loss", torch.device(device), backend) == backend, (
-        f"backend {backend} is not available on {device}: {available_backends(device)}")
+
+
+_require = functools.partial(require_backend, "dynamic_mask_dice_loss")
 
 
 def _loss_and_grads(backend, inputs, weights, **kwargs):
-    kernels, feats, *rest = inputs
-    kernels = kernels.detach().clone().requires_grad_(True)
-    feats = feats.detach().clone().requires_grad_(True)
-    loss = dynamic_mask_dice_loss(kernels, feats, *rest, backend=backend, **kwargs)
-    grads = torch.autograd.grad((loss * weights).sum(), (kernels, feats), allow_unused=True,
-                                materialize_grads=True)
-    return (loss.detach(), *grads)
-
-
-def _assert_close(actual, expected, rtol):
-    # Relative to the tensor's largest magnitude: gradients have entries that are ~0.
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30)
+    return loss_and_grads(dynamic_mask_dice_loss, inputs, weights, num_grads=2, backend=backend,
+                          **kwargs)
 
 
 def _compare(backend, inputs, *, rtol, seed=0):
@@ -50,9 +45,9 @@ def _compare(backend, inputs, *, rtol, seed=0):
     loss, grad_kernels, grad_feats = _loss_and_grads(backend, inputs, weights)
     ref_loss, ref_grad_kernels, ref_grad_feats = _loss_and_grads("reference", inputs, weights)
     assert loss.dtype == dtype and loss.shape == inputs[2].shape
-    _assert_close(loss, ref_loss, rtol)
-    _assert_close(grad_kernels, ref_grad_kernels, rtol)
-    _assert_close(grad_feats, ref_grad_feats, rtol)
+    assert_close_scaled(loss, ref_loss, rtol)
+    assert_close_scaled(grad_kernels, ref_grad_kernels, rtol)
+    assert_close_scaled(grad_feats, ref_grad_feats, rtol)
     # Images without a positive get exactly 0.
     unused = torch.ones(inputs[1].shape[0], dtype=torch.bool)
     unused[inputs[2]] = False
@@ -105,7 +100,7 @@ def test_target_dtypes(backend, target_dtype):
     actual = _loss_and_grads(backend, inputs, weights)
     expected = _loss_and_grads("reference", (*inputs[:3], inputs[3].bool()), weights)
     for a, b in zip(actual, expected):
-        _assert_close(a, b, 1e-5)
+        assert_close_scaled(a, b, 1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -120,11 +115,11 @@ def test_all_zero_targets_and_saturated_logits(backend):
     inputs = (kernels, feats, pos_image, target)
     loss, grad_kernels, grad_feats = _loss_and_grads(backend, inputs, torch.ones(3))
     ref_loss, ref_grad_kernels, _ = _loss_and_grads("reference", inputs, torch.ones(3))
-    _assert_close(loss, ref_loss, 1e-5)
+    assert_close_scaled(loss, ref_loss, 1e-5)
     # p ~ 0 against the all-zero target, p ~ 1 against the full target.
     assert loss[0].item() == pytest.approx(1.0) and loss[1].item() < 1e-4
     assert grad_kernels[:2].abs().max().item() < 1e-6
-    _assert_close(grad_kernels[2], ref_grad_kernels[2], 1e-5)
+    assert_close_scaled(grad_kernels[2], ref_grad_kernels[2], 1e-5)
     assert torch.isfinite(grad_feats).all()
 
 
@@ -140,17 +135,15 @@ def test_empty_inputs(backend, num_images, channels, size, num_positives):
     assert loss.shape == (num_positives,)
     torch.testing.assert_close(loss, ref_loss)
     assert grad_kernels.shape == inputs[0].shape and grad_feats.shape == inputs[1].shape
-    _assert_close(grad_kernels, ref_grad_kernels, 1e-5)
-    _assert_close(grad_feats, ref_grad_feats, 1e-5)
+    assert_close_scaled(grad_kernels, ref_grad_kernels, 1e-5)
+    assert_close_scaled(grad_feats, ref_grad_feats, 1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_accumulate_in_float32(backend, dtype):
     _require(backend)
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
-                    "interpreter has no bfloat16, KERNELS.md section 3")
+    skip_bfloat16_triton(backend, dtype)
     inputs = make_dynamic_inputs(2, 8, (13, 15), 7, dtype=dtype, seed=5)
     weights = torch.rand(7)
     actual = _loss_and_grads(backend, inputs, weights.to(dtype))
@@ -159,7 +152,7 @@ def test_half_inputs_accumulate_in_float32(backend, dtype):
     expected = _loss_and_grads("reference", float_inputs, weights)
     for a, b in zip(actual, expected):
         assert a.dtype == dtype
-        _assert_close(a.float(), b, 1e-2)
+        assert_close_scaled(a.float(), b, 1e-2)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -305,9 +298,9 @@ def test_traces_under_torch_compile():
     grad_kernels, grad_feats = torch.autograd.grad(loss, (kernels, feats))
     ref_loss, ref_grad_kernels, ref_grad_feats = _loss_and_grads("reference", inputs,
                                                                  torch.ones(7))
-    _assert_close(loss.detach(), ref_loss.sum(), 1e-5)
-    _assert_close(grad_kernels, ref_grad_kernels, 1e-5)
-    _assert_close(grad_feats, ref_grad_feats, 1e-5)
+    assert_close_scaled(loss.detach(), ref_loss.sum(), 1e-5)
+    assert_close_scaled(grad_kernels, ref_grad_kernels, 1e-5)
+    assert_close_scaled(grad_feats, ref_grad_feats, 1e-5)
 
 
 @pytest.mark.gpu
@@ -327,7 +320,7 @@ def test_gpu_matches_reference(backend, dtype, num_images, channels, size, num_p
     # float32 GEMMs on the GPU may use TF32-free FMA orders unlike the CPU: 1e-4.
     rtol = {torch.float32: 1e-4, torch.float64: 1e-12}.get(dtype, 2e-2)
     for a, b in zip(actual, expected):
-        _assert_close(a.double(), b, rtol)
+        assert_close_scaled(a.double(), b, rtol)
     # Deterministic: a second run gives the same bits.
     again = _loss_and_grads(backend, inputs, weights)
     for a, b in zip(actual, again):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -13,15 +14,14 @@ import pytest
 import torch
 
 from solo_fast.bench.inputs import make_dynamic_score_inputs as make_dynamic_inputs
-from solo_fast.ops import available_backends, dynamic_mask_scores
-from solo_fast.ops._backend import choose_backend
+from solo_fast.ops import MaskScores, dynamic_mask_scores
 from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import (
     dynamic_mask_scores_reference,
     pack_masks_reference,
     unpack_masks_reference,
 )
-from tests.ops.helpers import peak_memory_increase
+from tests.ops.helpers import peak_memory_increase, require_backend, skip_bfloat16_triton
 
 CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
 # (N, E, (H, W), K): odd sizes; K = 0, 1 and many candidates.
@@ -29,10 +29,9 @@ SHAPES = [(n, e, hw, k) for n, e, hw, k in itertools.product(
     (1, 3), (5, 16), ((7, 9), (37, 53)), (0, 1, 40))]
 
 
-def _require(backend: str, device: str = "cpu") -> None:
-    # A backend that fell back to the reference would compare the reference with itself.
-    assert choose_backend("dynamic_mask_scores", torch.device(device), backend) == backend, (
-        f"backend {backend} is not available on {device}: {available_backends(device)}")
+
+
+_require = functools.partial(require_backend, "dynamic_mask_scores")
 
 
 def _popcount(packed: torch.Tensor) -> torch.Tensor:
@@ -65,7 +64,7 @@ def _compare(backend, inputs, *, threshold=0.5, rtol=None):
     _check_packed(packed, area, feats)
     assert torch.equal(packed, ref_packed)
     unpacked = dynamic_mask_scores(*inputs, threshold=threshold, backend=backend)
-    assert len(unpacked) == 2
+    assert isinstance(unpacked, MaskScores) and unpacked.packed is None
     assert torch.equal(unpacked[0], area) and torch.equal(unpacked[1], soft_sum)
     return area, soft_sum
 
@@ -97,7 +96,7 @@ def test_inexact_logits_differ_only_at_the_threshold(backend):
     change sides where the reference's soft value lies within 1e-5 of the threshold."""
     _require(backend)
     kernels, feats, image = make_dynamic_inputs(2, 24, (31, 37), 25, exact=False, seed=6)
-    area, soft_sum = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend=backend)
+    area, soft_sum, _ = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend=backend)
     ref_area, ref_soft_sum = dynamic_mask_scores_reference(kernels, feats, image, threshold=0.5)
     logits = torch.einsum("ke,kehw->khw", kernels.double(), feats.double()[image])  # (K, H, W)
     near = ((logits.sigmoid() - 0.5).abs() < 1e-5).sum((1, 2))  # (K,)
@@ -130,7 +129,7 @@ def test_empty_inputs(backend, num_images, channels, size, num):
     _require(backend)
     inputs = make_dynamic_inputs(max(num_images, 1), channels, size, num)
     inputs = (inputs[0], inputs[1][:num_images], inputs[2])
-    area, soft_sum = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
+    area, soft_sum, _ = dynamic_mask_scores(*inputs, threshold=0.5, backend=backend)
     assert area.shape == (num,) and area.dtype == torch.int64 and not area.any()
     assert soft_sum.shape == (num,) and soft_sum.dtype == torch.float64 and not soft_sum.any()
     words = (size[0] * size[1] + 63) // 64  # 0 for an empty map
@@ -178,9 +177,7 @@ def test_half_inputs(backend, dtype):
     """float16 / bfloat16: multiplied in float32; the exact logits and their soft values are
     rounded to the inputs' dtype, as torch stores them, so the masks are the reference's."""
     _require(backend)
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
-                    "interpreter has no bfloat16, KERNELS.md section 3")
+    skip_bfloat16_triton(backend, dtype)
     kernels, feats, image = make_dynamic_inputs(2, 9, (21, 29), 12, dtype=dtype, seed=5)
     area, soft_sum, packed = dynamic_mask_scores(kernels, feats, image, threshold=0.5,
                                                  backend=backend, pack_masks=True)
@@ -316,7 +313,7 @@ def test_traces_under_torch_compile():
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def score(kernels, feats, image):
-        area, soft_sum = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend="cpu")
+        area, soft_sum, _ = dynamic_mask_scores(kernels, feats, image, threshold=0.5, backend="cpu")
         return soft_sum / area.clamp(min=1)
 
     expected_area, expected_sum, expected_packed = dynamic_mask_scores_reference(

@@ -4,20 +4,21 @@ and Triton building blocks (pack, popcount, decay) on their own."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from solo_fast.ops import PackedMasks, available_backends, batched_matrix_nms, matrix_nms
-from solo_fast.ops._backend import choose_backend
+from solo_fast.ops import PackedMasks, batched_matrix_nms, matrix_nms
 from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import (
     matrix_nms_reference,
     pack_masks_reference,
     unpack_masks_reference,
 )
+from tests.ops.helpers import require_backend
 from tests.ops.test_matrix_nms import CASES, SCORE_TOL, _blocks
 
 # N=candidates, B=images, H, W=mask size, P=H*W, Wd=packed words = ceil(P / 64)
@@ -62,10 +63,7 @@ def make_nms_inputs(num: int, size: tuple[int, int], *, num_classes: int = 3, se
     return masks.to(device), labels.to(device), scores.to(device)
 
 
-def _require(backend: str, device: str = "cpu") -> None:
-    # A backend that fell back to the reference would compare the reference with itself.
-    assert choose_backend("matrix_nms", torch.device(device), backend) == backend, (
-        f"backend {backend} is not available on {device}: {available_backends(device)}")
+_require = functools.partial(require_backend, "matrix_nms")
 
 
 def _assert_same(actual, expected):

@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from solo_fast.ops import available_backends, solo_mask_scores
-from solo_fast.ops._backend import choose_backend
+from solo_fast.ops import solo_mask_scores
 from solo_fast.ops._extension import has_ops
 from solo_fast.ops.reference import solo_mask_scores_reference
-from tests.ops.helpers import peak_memory_increase
+from tests.ops.helpers import peak_memory_increase, require_backend, skip_bfloat16_triton
 
 CPU_BACKENDS = ["cpu", "triton"]  # the reference is what they are compared with
 # (source, output) sizes: upscaling (odd, x2, x4), identity, downscaling. All have H + W <= 128,
@@ -56,16 +57,7 @@ def make_solo_score_inputs(num_images: int, channels: int, size: tuple[int, int]
     return preds.to(dtype=dtype, device=device), image.to(device), channel.to(device)
 
 
-def _require(backend: str, device: str = "cpu") -> None:
-    # A backend that fell back to the reference would compare the reference with itself.
-    assert choose_backend("solo_mask_scores", torch.device(device), backend) == backend, (
-        f"backend {backend} is not available on {device}: {available_backends(device)}")
-
-
-def _skip_bfloat16_triton(backend: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bfloat16 Triton runs only on a GPU (the GPU test covers it): the "
-                    "interpreter has no bfloat16, KERNELS.md section 3")
+_require = functools.partial(require_backend, "solo_mask_scores")
 
 
 def _reference_soft(mask_preds, image, channel, size, logits):
@@ -89,7 +81,7 @@ def _compare(backend, inputs, size, *, threshold=0.5, logits=True, exact=False):
     """
     mask_preds, image, _ = inputs
     dtype = mask_preds.dtype
-    area, soft_sum = solo_mask_scores(*inputs, size=size, threshold=threshold, logits=logits,
+    area, soft_sum, _ = solo_mask_scores(*inputs, size=size, threshold=threshold, logits=logits,
                                       backend=backend)
     ref_area, ref_soft_sum = solo_mask_scores_reference(*inputs, size=size, threshold=threshold,
                                                         logits=logits)
@@ -131,7 +123,7 @@ def test_matches_reference(backend, num_images, channels, resize, num, logits, d
 def test_resize_is_torchs_bit_for_bit(backend, source, size, dtype):
     """Probabilities on torch's generic kernel (H + W > 128): the masks are the reference's."""
     _require(backend)
-    _skip_bfloat16_triton(backend, dtype)
+    skip_bfloat16_triton(backend, dtype)
     inputs = make_solo_score_inputs(2, 3, source, 3, dtype=dtype, logits=False, seed=sum(size))
     _compare(backend, inputs, size, logits=False, exact=True)
 
@@ -152,7 +144,7 @@ def test_thresholds(backend, threshold):
 def test_half_inputs(backend, dtype, resize, logits):
     """float16 / bfloat16: sigmoid and resize in float32, rounded to the inputs' dtype."""
     _require(backend)
-    _skip_bfloat16_triton(backend, dtype)
+    skip_bfloat16_triton(backend, dtype)
     source, size = resize
     inputs = make_solo_score_inputs(3, 5, source, 12, dtype=dtype, logits=logits, seed=5)
     _compare(backend, inputs, size, logits=logits)
@@ -181,11 +173,11 @@ def test_nan_pixels_lie_outside_the_masks(backend, dtype, resize):
     threshold passes: area does not count them, as in the reference, and soft_sum leaves them out
     (the reference's sum of soft * mask is NaN: NaN * 0)."""
     _require(backend)
-    _skip_bfloat16_triton(backend, dtype)
+    skip_bfloat16_triton(backend, dtype)
     source, size = resize
     preds, image, channel = make_solo_score_inputs(1, 3, source, 5, dtype=dtype, seed=2)
     preds[0, :, 1:3, 2:5] = float("nan")
-    area, soft_sum = solo_mask_scores(preds, image, channel, size=size, threshold=0.5,
+    area, soft_sum, _ = solo_mask_scores(preds, image, channel, size=size, threshold=0.5,
                                       backend=backend)
     soft = _reference_soft(preds, image, channel, size, True)  # (K, H, W)
     masks = soft > 0.5
@@ -211,7 +203,7 @@ def test_empty_inputs(backend, num_images, channels, num):
     _require(backend)
     preds, image, channel = make_solo_score_inputs(max(num_images, 1), max(channels, 1),
                                                    (4, 5), num)
-    area, soft_sum = solo_mask_scores(preds[:num_images, :channels], image, channel,
+    area, soft_sum, _ = solo_mask_scores(preds[:num_images, :channels], image, channel,
                                       size=(9, 11), threshold=0.5, backend=backend)
     assert area.shape == (num,) and area.dtype == torch.int64
     assert soft_sum.shape == (num,) and soft_sum.dtype == torch.float64
@@ -227,7 +219,8 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     several = solo_mask_scores(*inputs, size=(37, 53), threshold=0.5, backend="cpu")
-    for a, b in zip(single, several):
+    assert single.packed is None and several.packed is None
+    for a, b in zip(single[:2], several[:2]):
         assert torch.equal(a, b)
 
 
@@ -236,7 +229,7 @@ def test_repeated_candidates_get_the_same_scores():
     _require("cpu")
     preds, image, channel = make_solo_score_inputs(2, 5, (9, 11), 20, seed=3)
     order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
-    area, soft_sum = solo_mask_scores(preds, image, channel, size=(30, 31), threshold=0.5,
+    area, soft_sum, _ = solo_mask_scores(preds, image, channel, size=(30, 31), threshold=0.5,
                                       backend="cpu")
     shuffled = solo_mask_scores(preds, image[order], channel[order], size=(30, 31),
                                 threshold=0.5, backend="cpu")
@@ -348,7 +341,7 @@ def test_traces_under_torch_compile():
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def score(mask_preds, image, channel):
-        area, soft_sum = solo_mask_scores(mask_preds, image, channel, size=(21, 23),
+        area, soft_sum, _ = solo_mask_scores(mask_preds, image, channel, size=(21, 23),
                                           threshold=0.5, backend="cpu")
         return soft_sum / area.clamp(min=1)
 
@@ -374,7 +367,7 @@ def test_gpu_matches_reference(backend, dtype, logits, num_images, channels, res
     inputs = make_solo_score_inputs(num_images, channels, source, num, dtype=dtype,
                                     logits=logits, seed=num)
     on_gpu = [t.cuda() for t in inputs]
-    area, soft_sum = solo_mask_scores(*on_gpu, size=size, threshold=0.5, logits=logits,
+    area, soft_sum, _ = solo_mask_scores(*on_gpu, size=size, threshold=0.5, logits=logits,
                                       backend=backend)
     ref_area, ref_soft_sum = solo_mask_scores_reference(*inputs, size=size, threshold=0.5,
                                                         logits=logits)
