@@ -56,7 +56,7 @@ def to_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
         raise ValueError(f"{name} is empty: shape {image.shape}")
     if image.shape[2] == 1:
         return np.repeat(image, 3, axis=2)
-    return image[:, :, :3]
+    return image if image.shape[2] == 3 else image[:, :, :3]
 
 
 def rescale_size(size: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
