@@ -82,9 +82,10 @@ class ExportMetadata:
         except json.JSONDecodeError as error:
             raise ValueError(f"{source}: the {METADATA_KEY!r} metadata entry is not valid JSON "
                              f"({error})") from error
-        if not isinstance(raw, dict):
-            raise ValueError(f"{source}: the {METADATA_KEY!r} metadata entry must be a JSON "
-                             f"object, got {type(raw).__name__}")
+        if not isinstance(raw, dict):  # a bad file, not a bad argument: a ValueError
+            raise ValueError(  # noqa: TRY004
+                f"{source}: the {METADATA_KEY!r} metadata entry must be a JSON object, "
+                f"got {type(raw).__name__}")
         missing = sorted(set(cls.__dataclass_fields__) - set(raw))
         if missing:
             raise ValueError(f"{source}: the {METADATA_KEY!r} metadata entry lacks {missing}")

@@ -41,10 +41,11 @@ def to_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
         A uint8 ``(H0, W0, 3)`` array (``image`` itself when it already is one).
 
     Raises:
-        ValueError: another type, dtype or shape, or an empty image.
+        TypeError: not a numpy array.
+        ValueError: another dtype or shape, or an empty image.
     """
     if not isinstance(image, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(image).__name__}")
+        raise TypeError(f"{name} must be a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8 (0..255), got dtype {image.dtype}")
     if image.ndim == 2:
