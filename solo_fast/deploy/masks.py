@@ -21,7 +21,8 @@ position in its SIMD vector, and builds or devices without FMA contraction.
 
 :func:`paste_masks` needs only the thresholded masks, so it resizes in plain float32, which is
 several times faster and within a few ulp, and recomputes exactly the pixels close enough to
-``mask_thr`` for those ulp to matter.
+``mask_thr`` for those ulp to matter; and it resizes only the window of each mask that can reach
+the threshold.
 """
 
 # K=masks, H4/W4=the mask map (stride 4), Hc/Wc=the padded canvas (stride x the map), h/w=the
@@ -36,8 +37,6 @@ import numpy as np
 __all__ = ["Taps", "fma", "linear_taps", "masks_to_boxes", "paste_masks", "resize_bilinear"]
 
 F32 = np.float32
-# masks resized at a time: 8 x 800 x 1088 float32 = 28 MB on a COCO canvas, as the torch path
-PASTE_CHUNK = 8
 # |plain float32 - exact| after the four resize passes is below 16 ulp of the largest input
 # (each pass adds at most 2 ulp; the weights of a pass sum to 1, so it does not amplify the
 # error it inherits); pixels nearer than this to the threshold are recomputed exactly
@@ -62,10 +61,10 @@ class Taps(NamedTuple):
     w1: np.ndarray
     identity: bool
 
-    def head(self, count: int) -> Taps:
-        """The taps of the first ``count`` outputs (a crop of the output)."""
-        return Taps(self.first[:count], self.second[:count], self.w0[:count], self.w1[:count],
-                    self.identity)
+    def window(self, start: int, stop: int, shift: int = 0) -> Taps:
+        """The taps of outputs ``start:stop``, reading an input that begins at ``shift``."""
+        return Taps(self.first[start:stop] - shift, self.second[start:stop] - shift,
+                    self.w0[start:stop], self.w1[start:stop], self.identity)
 
 
 def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -123,8 +122,8 @@ def linear_taps(in_size: int, out_size: int) -> Taps:
 
 
 def _along_width(x: np.ndarray, taps: Taps, exact: bool) -> np.ndarray:
-    if taps.identity:
-        return x[..., :len(taps.first)]  # a * 1 + b * 0 is a for finite a
+    if taps.identity:  # a * 1 + b * 0 is a for finite a
+        return x[..., taps.first[0]:taps.first[0] + len(taps.first)]
     first, second = x[..., taps.first], x[..., taps.second]  # (..., w) each
     second *= taps.w1
     if exact:
@@ -136,7 +135,7 @@ def _along_width(x: np.ndarray, taps: Taps, exact: bool) -> np.ndarray:
 
 def _along_height(x: np.ndarray, taps: Taps, exact: bool) -> np.ndarray:
     if taps.identity:
-        return x[..., :len(taps.first), :]
+        return x[..., taps.first[0]:taps.first[0] + len(taps.first), :]
     first, second = x[..., taps.first, :], x[..., taps.second, :]  # (..., h, W) each
     second *= taps.w1[:, None]
     if exact:
@@ -198,14 +197,14 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def paste_masks(soft: np.ndarray, *, canvas: tuple[int, int], image_size: tuple[int, int],
-                original_size: tuple[int, int], mask_thr: float,
-                chunk: int = PASTE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+                original_size: tuple[int, int], mask_thr: float) -> tuple[np.ndarray, np.ndarray]:
     """Soft stride-4 masks -> binary masks at the original size and their boxes.
 
     ``resize_to_original(soft, canvas, image_size, original_size) > mask_thr``, then
     :func:`masks_to_boxes`: bilinear to the padded canvas, crop to the resized image, bilinear to
-    the original size, threshold. ``chunk`` masks at a time, so at most that many full-size
-    float32 masks exist at once besides the bool output.
+    the original size, threshold. One mask at a time, and of it only the window that can pass
+    the threshold: bilinear weights are non-negative and sum to 1, so an output pixel whose
+    source pixels all lie below ``mask_thr`` (by more than the rounding) stays below it.
 
     Args:
         soft: float32 ``(K, H4, W4)`` soft masks.
@@ -213,7 +212,6 @@ def paste_masks(soft: np.ndarray, *, canvas: tuple[int, int], image_size: tuple[
         image_size: ``(h, w)`` of the resized image inside the canvas.
         original_size: ``(H0, W0)``.
         mask_thr: Pixels with a soft value > this are in the mask.
-        chunk: Masks resized at a time.
 
     Returns:
         ``(masks, boxes)``: bool ``(K, H0, W0)`` and float32 ``(K, 4)`` xyxy.
@@ -231,24 +229,53 @@ def paste_masks(soft: np.ndarray, *, canvas: tuple[int, int], image_size: tuple[
     if not (0 < height <= canvas[0] and 0 < width <= canvas[1]) or min(original) < 1:
         raise ValueError(f"image_size {tuple(image_size)} must be positive and fit the canvas "
                          f"{canvas}, and original_size {tuple(original_size)} positive")
-    canvas_rows = linear_taps(soft.shape[1], canvas[0]).head(height)  # the crop, computed only
-    canvas_cols = linear_taps(soft.shape[2], canvas[1]).head(width)
-    final_rows = linear_taps(height, original[0])
-    final_cols = linear_taps(width, original[1])
+    # the crop of the canvas is computed only, never the padding
+    taps = (linear_taps(soft.shape[1], canvas[0]).window(0, height),
+            linear_taps(soft.shape[2], canvas[1]).window(0, width),
+            linear_taps(height, original[0]), linear_taps(width, original[1]))
     threshold = F32(mask_thr)
     masks = np.zeros((soft.shape[0], *original), dtype=bool)
-    for start in range(0, soft.shape[0], chunk):
-        part = soft[start:start + chunk]  # (k, H4, W4)
-        cropped = _resize(part, canvas_rows, canvas_cols, exact=False)  # (k, h, w)
-        final = _resize(cropped, final_rows, final_cols, exact=False)  # (k, H0, W0)
-        masks[start:start + chunk] = final > threshold
-        largest = np.max(np.abs(part), initial=F32(0), where=np.isfinite(part))
-        margin = ERROR_ULPS * np.spacing(max(F32(largest), threshold, F32(1e-30)))
-        near = np.nonzero(np.abs(final - threshold) <= margin)  # (k, H0, W0) positions
-        if len(near[0]):
-            exact = _exact_pixels(part, near, (canvas_rows, canvas_cols, final_rows, final_cols))
-            masks[start:start + chunk][near] = exact > threshold
+    for k in range(soft.shape[0]):
+        largest = np.max(np.abs(soft[k]), initial=F32(0), where=np.isfinite(soft[k]))
+        margin = ERROR_ULPS * np.spacing(max(F32(largest), abs(threshold), F32(1e-30)))
+        hot = soft[k] > threshold - margin  # (H4, W4)
+        rows = _hot_range(hot, 1, taps[0], taps[2])
+        cols = _hot_range(hot, 0, taps[1], taps[3])
+        if rows is None or cols is None:
+            continue  # nothing near the threshold: an empty mask
+        (top, bottom), (first_row, last_row) = rows
+        (left, right), (first_col, last_col) = cols
+        middle = _resize(soft[k], taps[0].window(first_row, last_row + 1),
+                         taps[1].window(first_col, last_col + 1), exact=False)
+        final = _resize(middle, taps[2].window(top, bottom, first_row),
+                        taps[3].window(left, right, first_col), exact=False)  # (y, x)
+        window = masks[k, top:bottom, left:right]
+        np.greater(final, threshold, out=window)
+        near = np.nonzero(np.abs(final - threshold) <= margin)
+        if len(near[0]):  # decided by the exact arithmetic
+            where = (np.full(len(near[0]), k), near[0] + top, near[1] + left)
+            window[near] = _exact_pixels(soft, where, taps) > threshold
     return masks, masks_to_boxes(masks)
+
+
+def _hot_range(hot: np.ndarray, axis: int, canvas_taps: Taps,
+               final_taps: Taps) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Along one axis: the outputs ``start:stop`` whose taps reach a hot source line (one with a
+    pixel near or above the threshold), and the canvas lines ``first..last`` they read; None
+    when no line is hot."""
+    lines = np.flatnonzero(hot.any(axis=axis))
+    if not len(lines):
+        return None
+    # taps never decrease: canvas lines reading a hot map line are one run, and so on
+    low = np.searchsorted(canvas_taps.second, lines[0], "left")
+    high = np.searchsorted(canvas_taps.first, lines[-1], "right")
+    if low >= high:
+        return None
+    start = int(np.searchsorted(final_taps.second, low, "left"))
+    stop = int(np.searchsorted(final_taps.first, high - 1, "right"))
+    if start >= stop:
+        return None
+    return (start, stop), (int(final_taps.first[start]), int(final_taps.second[stop - 1]))
 
 
 def _exact_pixels(soft: np.ndarray, where: tuple[np.ndarray, ...],

@@ -144,6 +144,27 @@ def test_paste_equals_the_torch_path(shape, canvas, image_size, original):
     np.testing.assert_array_equal(boxes, expected_boxes)
 
 
+@pytest.mark.parametrize("original", [(300, 411), (90, 120)])
+def test_paste_of_small_objects_at_the_borders_equals_the_torch_path(original):
+    """Only a window around each object is resized: objects in corners, on the crop's edge, in
+    the padding, just below the threshold everywhere, and above it everywhere."""
+    yy, xx = np.mgrid[0:30, 0:40].astype(np.float64)
+    centres = [(0, 0), (29, 39), (29.4, 20), (12, 38.9), (15, 20), (45, 60)]  # last: padding
+    soft = [1 / (1 + np.exp(np.minimum(50, (np.hypot(yy - cy, xx - cx) - 2.5) / 0.8)))
+            for cy, cx in centres]
+    soft += [np.full((30, 40), 0.49999997), np.full((30, 40), 0.5000001)]
+    soft = np.ascontiguousarray(np.stack(soft).astype(F32))  # (8, 30, 40)
+    args = {"canvas": (120, 160), "image_size": (117, 150), "original_size": original,
+            "mask_thr": 0.5}
+    expected_masks, expected_boxes = torch_paste(soft, args["canvas"], args["image_size"],
+                                                 original, 0.5)
+    masks, boxes = paste_masks(soft, **args)
+    np.testing.assert_array_equal(masks, expected_masks)
+    np.testing.assert_array_equal(boxes, expected_boxes)
+    areas = masks.sum((1, 2))
+    assert areas[-2] == 0 and areas[-1] == original[0] * original[1] and (areas[:5] > 0).all()
+
+
 def test_pixels_at_the_threshold_are_decided_exactly(monkeypatch):
     """Soft values within a few ulp of mask_thr: the plain float32 resize alone gets some of them
     wrong, and the exact recomputation puts them right."""
