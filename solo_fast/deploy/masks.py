@@ -4,7 +4,7 @@ as ``model.predict`` computes them (``solo_fast.postprocess.resize_to_original``
 
 Bilinear resizing follows PyTorch's CPU kernel for ``F.interpolate(mode="bilinear",
 align_corners=False)`` (the generic, per-channel kernel, used whenever the output's height + width
-exceeds 128), in float32:
+exceeds 128), in float32 (docs/algorithms.md §3.4):
 
 * scale ``in / out``; source index ``scale * (dst + 0.5) - 0.5`` as one fused multiply-add,
   clamped at 0; first tap ``min(floor(src), in - 1)``, second tap the next one (or the same one at

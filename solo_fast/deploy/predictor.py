@@ -166,10 +166,17 @@ class OnnxPredictor:
             As :meth:`__call__`.
 
         Raises:
-            ValueError: arrays of the wrong dtype or shape, sizes outside the canvas.
+            ValueError: arrays of the wrong dtype or shape, sizes outside the canvas, or a batch
+                a static export does not take.
         """
         images, image_sizes, original_sizes = _check_batch(images, image_sizes, original_sizes)
         batch = len(images)
+        if self.batch_limit is not None and batch > self.batch_limit:
+            raise ValueError(f"{self.source} takes batches of {self.batch_limit} images, got "
+                             f"{batch}")
+        if self.canvas is not None and tuple(images.shape[2:]) != self.canvas:
+            raise ValueError(f"{self.source} takes {self.canvas[0]}x{self.canvas[1]} images, "
+                             f"got {images.shape[2]}x{images.shape[3]}")
         if self.batch_limit is not None and batch < self.batch_limit:
             # a fixed-batch export: repeat the last image, drop its results
             extra = self.batch_limit - batch
@@ -186,7 +193,7 @@ class OnnxPredictor:
         canvas = (masks.shape[2] * stride, masks.shape[3] * stride)
         results = []
         for n in range(batch):
-            count = min(int(outputs["num_dets"][n]), masks.shape[1])
+            count = min(max(int(outputs["num_dets"][n]), 0), masks.shape[1])
             binary, boxes = paste_masks(np.asarray(masks[n, :count], dtype=np.float32),
                                         canvas=canvas, image_size=tuple(image_sizes[n]),
                                         original_size=tuple(original_sizes[n]),

@@ -3,7 +3,7 @@
 The torch path (``solo_fast.engine.predict``) loads an RGB image, applies
 ``solo_fast.data.build_eval_transform`` (keep-ratio ``Resize`` to ``test_scale``, then
 ``Normalize``) and pads the batch with ``solo_fast.data.collate``. This module repeats each step
-with the same arithmetic (docs/algorithms.md describes the pipeline; mmdetection's ``Resize`` and
+with the same arithmetic (docs/algorithms.md §2; mmdetection's ``Resize`` and
 ``DetDataPreprocessor``):
 
 * the output size of mmcv's ``rescale_size``, in Python float64;

@@ -14,7 +14,7 @@ from PIL import Image
 
 from solo_fast.deploy import OnnxPredictor
 from solo_fast.postprocess import masks_to_boxes, resize_to_original
-from tests.deploy.fake_model import LABELS, METADATA, SCORES, K, write_fake_model
+from tests.deploy.fake_model import LABELS, METADATA, SCORES, FakeSession, K, write_fake_model
 from tests.deploy.test_preprocess import torch_batch
 
 
@@ -112,6 +112,12 @@ def test_a_static_export_pads_to_its_canvas_and_splits_batches(tmp_path):
     for result, reference in zip(results, expected):
         np.testing.assert_array_equal(result["masks"], reference["masks"])
     assert len(results) == 3
+    batch, sizes, originals = predictor.preprocess(images)
+    with pytest.raises(ValueError, match="static.onnx takes batches of 2 images, got 3"):
+        predictor.predict_tensors(batch, sizes, originals)
+    batch, sizes, originals = OnnxPredictor(FakeSession()).preprocess(images[1:2])
+    with pytest.raises(ValueError, match=r"takes 160x160 images, got 160x96"):
+        predictor.predict_tensors(batch, sizes, originals)
 
 
 @pytest.mark.parametrize(("metadata", "message"), [
