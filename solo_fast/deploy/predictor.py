@@ -67,11 +67,16 @@ class OnnxPredictor:
     Attributes:
         metadata: The export's :class:`~.metadata.ExportMetadata`.
         session: The onnxruntime session.
+        source: The file (or session) named in error messages.
+        batch_limit: The batch size a static export fixes, else None.
+        canvas: The ``(Hp, Wp)`` a static export fixes, else None (each batch is padded to its
+            largest image).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a solo_fast ``end2end`` export (missing or malformed metadata, another
-            graph, missing inputs or outputs); the message names the file.
+            graph, missing inputs or outputs); the message names the file. A file onnxruntime
+            cannot load raises onnxruntime's own error, which names it too.
     """
 
     def __init__(self, model: str | os.PathLike | Any, *, providers: Sequence[Any] | None = None,
@@ -132,17 +137,20 @@ class OnnxPredictor:
             "scores": float32 (K,), "boxes": float32 (K, 4) xyxy, x2/y2 exclusive}``.
 
         Raises:
-            ValueError: an image of another type, dtype or shape (the message names its index),
-                or ``batch_size < 1``.
+            TypeError: an image that is neither an array nor a path.
+            ValueError: an image of another dtype or shape (the message names its index), or
+                ``batch_size < 1``.
         """
-        arrays = [load_image(im) if isinstance(im, (str, os.PathLike))
-                  else to_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-        step = min(batch_size or len(arrays), self.batch_limit or len(arrays)) or 1
+        images = list(images)
+        step = min(batch_size or len(images), self.batch_limit or len(images)) or 1
         results: list[dict[str, np.ndarray]] = []
-        for start in range(0, len(arrays), step):
-            results += self.predict_tensors(*self.preprocess(arrays[start:start + step]))
+        for start in range(0, len(images), step):  # files are read a batch at a time
+            arrays = [load_image(im) if isinstance(im, (str, os.PathLike))
+                      else to_rgb(im, f"images[{start + i}]")
+                      for i, im in enumerate(images[start:start + step])]
+            results += self.predict_tensors(*self.preprocess(arrays))
         return results
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
