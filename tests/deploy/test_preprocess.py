@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from solo_fast.data.collate import collate
-from solo_fast.data.transforms import build_eval_transform
-from solo_fast.data.transforms import rescale_size as torch_rescale_size
+from solo_fast.data import build_eval_transform, collate
+from solo_fast.data import rescale_size as torch_rescale_size
 from solo_fast.deploy.preprocess import pad_batch, preprocess, rescale_size, to_rgb
 
 MEAN = (123.675, 116.28, 103.53)
