@@ -164,28 +164,69 @@ def model_config(run: dict):
 def _predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from solo_fast.data import load_image
     from solo_fast.engine.checkpoint import write_json_atomically
-    from solo_fast.engine.predict import predict_images, predictions_to_coco_json
+    from solo_fast.engine.predict import predictions_to_coco_json
     from solo_fast.engine.visualize import save_overlay
 
-    model, run, device = _load_checkpoint(args.checkpoint, args.device)
-    names = run.get("category_names") or [f"class {i}" for i in range(model.head.num_classes)]
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.onnx:
+        names, category_ids, predictions = _onnx_predictions(args)
+    else:
+        names, category_ids, predictions = _torch_predictions(args)
     results = []
-    for path, prediction in predict_images(
-            model, args.images, test_scale=model_config(run).train.test_scale, device=device,
-            batch_size=args.batch_size, category_names=names,
-            label_to_category_id=run.get("label_to_category_id")):
+    for path, image, prediction in predictions:
         results.append((path, prediction))
         if args.overlays:
-            save_overlay(Path(args.overlays) / f"{Path(path).stem}.png", load_image(path),
-                         prediction, names, score_thr=args.score_thr)
-    records = predictions_to_coco_json(results, label_to_category_id=run.get(
-        "label_to_category_id"))
+            save_overlay(Path(args.overlays) / f"{Path(path).stem}.png", image(), prediction,
+                         names, score_thr=args.score_thr)
+    records = predictions_to_coco_json(results, label_to_category_id=category_ids)
     write_json_atomically(records, args.output)
     print(f"{len(records)} instances in {len(results)} images -> {args.output}"
           + (f"; overlays in {args.overlays}" if args.overlays else ""))
     return 0
+
+
+def _torch_predictions(args: argparse.Namespace):
+    """Names, category ids and ``(path, image loader, prediction)`` of a checkpoint's model."""
+    from solo_fast.data import load_image
+    from solo_fast.engine.predict import predict_images
+
+    model, run, device = _load_checkpoint(args.checkpoint, args.device)
+    names = run.get("category_names") or [f"class {i}" for i in range(model.head.num_classes)]
+    category_ids = run.get("label_to_category_id")
+    predictions = predict_images(
+        model, args.images, test_scale=model_config(run).train.test_scale, device=device,
+        batch_size=args.batch_size, category_names=names, label_to_category_id=category_ids)
+    return names, category_ids, ((path, lambda path=path: load_image(path), prediction)
+                                 for path, prediction in predictions)
+
+
+def _onnx_predictions(args: argparse.Namespace):
+    """Names, category ids and ``(path, image loader, prediction)`` of an ONNX export."""
+    from PIL import Image
+
+    from solo_fast.deploy import OnnxPredictor, load_image
+    from solo_fast.engine.predict import expand_image_paths
+
+    # --device picks onnxruntime's providers; None leaves its default order
+    providers = {None: None, "cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}.get(args.device)
+    if args.device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device with --onnx must be cpu or cuda, got {args.device!r}")
+    predictor = OnnxPredictor(args.onnx, providers=providers)
+    meta = predictor.metadata
+    names = list(meta.class_names or [f"class {i}" for i in range(meta.num_classes)])
+    files = expand_image_paths(args.images)
+
+    def predictions():
+        for start in range(0, len(files), args.batch_size):
+            chunk = files[start:start + args.batch_size]
+            images = [load_image(path) for path in chunk]
+            for path, image, prediction in zip(chunk, images, predictor(images)):
+                yield path, lambda image=image: Image.fromarray(image), prediction
+
+    return names, None, predictions()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,14 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="instances of images or folders as COCO-style JSON, optional overlays")
     predict.add_argument("images", nargs="+", help="image files or folders")
-    predict.add_argument("--checkpoint", required=True,
-                         help="WORK_DIR/latest.pt of solo-fast train, or a convert output")
+    model = predict.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint",
+                       help="WORK_DIR/latest.pt of solo-fast train, or a convert output")
+    model.add_argument("--onnx", help="an end2end ONNX export, run with onnxruntime")
     predict.add_argument("--output", required=True, help="COCO-style results JSON to write")
     predict.add_argument("--overlays", default=None, help="folder for PNG overlays")
     predict.add_argument("--score-thr", type=float, default=0.3,
                          help="overlays show instances above this score (0.3)")
     predict.add_argument("--batch-size", type=int, default=2, help="images per batch (2)")
-    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    predict.add_argument("--device", default=None,
+                         help="cpu or cuda (default: cuda if present; with --onnx, "
+                              "onnxruntime's default providers)")
     predict.set_defaults(run=_predict)
     return parser
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from solo_fast import cli
@@ -69,3 +70,50 @@ def test_a_checkpoint_with_a_weight_average_is_loaded_with_it(tmp_path):
     model, _, _ = cli._load_checkpoint(str(tmp_path / "latest.pt"), "cpu")
     for name, value in model.state_dict().items():
         assert torch.equal(value, averaged[name]), name
+
+
+def test_predict_with_an_onnx_export_writes_coco_json_and_overlays(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_util
+
+    from tests.deploy.fake_model import LABELS, METADATA, SCORES, write_fake_model
+    from tests.deploy.test_predictor import make_images, torch_path
+
+    model = write_fake_model(tmp_path / "fake.onnx")
+    images = make_images([(150, 211), (97, 60), (130, 130)], seed=4)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for n, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{n}.png")
+    assert cli.main(["predict", str(folder), "--onnx", str(model), "--batch-size", "2",
+                     "--output", str(tmp_path / "preds.json"),
+                     "--overlays", str(tmp_path / "overlays"), "--device", "cpu"]) == 0
+    records = json.loads((tmp_path / "preds.json").read_text())
+    # batches of 2 then 1: image n of a batch has 5 - n % 2 instances
+    expected = (torch_path(model, images[:2], tuple(METADATA["test_scale"]))
+                + torch_path(model, images[2:], tuple(METADATA["test_scale"])))
+    counts = [5, 4, 5]
+    assert len(records) == sum(counts)
+    start = 0
+    for n, count in enumerate(counts):
+        mine = records[start:start + count]
+        start += count
+        assert {r["file_name"] for r in mine} == {str(folder / f"{n}.png")}
+        assert [r["category_id"] for r in mine] == LABELS[:count].tolist()
+        np.testing.assert_allclose([r["score"] for r in mine], SCORES[:count])
+        decoded = mask_util.decode([r["segmentation"] for r in mine]).transpose(2, 0, 1)
+        np.testing.assert_array_equal(decoded.astype(bool), expected[n]["masks"])
+        boxes = expected[n]["boxes"]
+        np.testing.assert_array_equal([r["bbox"] for r in mine],
+                                      np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1))
+    assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == ["0.png", "1.png",
+                                                                            "2.png"]
+    assert "14 instances in 3 images" in capsys.readouterr().out
+
+
+def test_predict_needs_exactly_one_model(tmp_path, capsys):
+    for models in ([], ["--onnx", "a.onnx", "--checkpoint", "b.pt"]):
+        with pytest.raises(SystemExit):
+            cli.main(["predict", str(tmp_path), "--output", str(tmp_path / "p.json"), *models])
+    assert "--checkpoint" in capsys.readouterr().err

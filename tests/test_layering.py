@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # module-name prefix -> layer; the longest matching prefix wins
 LAYERS = {
-    "solo_fast.config": 0,
+    "solo_fast.config": 0, "solo_fast.deploy": 0,
     "solo_fast.ops": 1, "solo_fast.kernels": 1,
     "solo_fast.models": 2, "solo_fast.targets": 2, "solo_fast.data": 2,
     "solo_fast.losses": 3,

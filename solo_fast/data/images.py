@@ -2,18 +2,18 @@
 
 mmdetection's ``LoadImageFromFile`` decodes with ``mmcv.imfrombytes`` (OpenCV, flag
 ``'color'``), which turns an image upright by its EXIF orientation tag; Pillow does not, so
-:func:`load_image` applies the tag itself (``ImageOps.exif_transpose``). Training, evaluation and
-prediction all call it, so they see the same pixels for the same file.
+:func:`load_image` applies the tag itself (``ImageOps.exif_transpose``, in the torch-free
+``solo_fast.deploy.load_image`` that it wraps). Training, evaluation, prediction and the ONNX
+predictor all decode through it, so they see the same pixels for the same file.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from solo_fast.deploy import load_image as decode_image
 
 __all__ = ["load_image"]
 
@@ -35,14 +35,6 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         ValueError: Pillow cannot decode the file (the message names it and gives Pillow's
             reason).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} not found")
-    try:
-        with Image.open(path) as pil:
-            array = np.asarray(ImageOps.exif_transpose(pil).convert("RGB"),
-                               dtype=np.uint8)  # (H, W, 3)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot decode image {path}: {error}") from error
-    # np.asarray of a PIL image is read-only; torch needs a writable buffer
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+    # one decoder for the data sets, torch prediction and the torch-free ONNX predictor
+    array = decode_image(path)  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
