@@ -5,9 +5,10 @@ Cases: ``CASES["decoupled_dice_loss"]`` of ``solo_fast.bench.cases``, which ``so
 runs too.
 Groups, providers and ``extra_info``: ``tests.ops.helpers.benchmark_case``.
 
-Sizes: Decoupled SOLO's level 0 at COCO's canonical 800 x 1088 input (SPEC §15.3: one image,
-S = 40, 200 x 272 maps, K = 200 positives drawn in 3 x 3 blocks of cells around 25 centres, so that
-they share rows and columns as real targets do), and a small level (S = 36, 100 x 136, K = 50).
+Sizes: Decoupled SOLO's level 0 at COCO's canonical 800 x 1088 input (docs/algorithms.md §12.9: one
+image, S = 40, 200 x 272 maps, K = 200 positives drawn in 3 x 3 blocks of cells around 25 centres,
+so that they share rows and columns as real targets do), and a small level (S = 36, 100 x 136,
+K = 50).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ Cases: ``CASES["decoupled_mask_scores"]`` of ``solo_fast.bench.cases``, which ``
 runs too.
 Groups, providers and ``extra_info``: ``tests.ops.helpers.benchmark_case``.
 
-Sizes: SPEC §9 / §15.3 at COCO's canonical 800 x 1088 input: one image, 128 channels per branch
-(the five levels' grids, 40 + 36 + 24 + 16 + 12), 200 x 272 maps, 1,000 candidates drawn in 3 x 3
-blocks of cells around 166 centres (so that they share rows and columns as real candidates do),
-and 200.
+Sizes: docs/algorithms.md §10 / §12.9 at COCO's canonical 800 x 1088 input: one image, 128 channels
+per branch (the five levels' grids, 40 + 36 + 24 + 16 + 12), 200 x 272 maps, 1,000 candidates drawn
+in 3 x 3 blocks of cells around 166 centres (so that they share rows and columns as real candidates
+do), and 200.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Cases: ``CASES["dynamic_mask_dice_loss"]`` of ``solo_fast.bench.cases``, which `
 runs too.
 Groups, providers and ``extra_info``: ``tests.ops.helpers.benchmark_case``.
 
-Sizes: SOLOv2's training canonical size (SPEC §15.4 and KERNELS.md: one image, K = 200
-positives, E = 256 mask-feature channels, 200 x 272 mask map at COCO's 800 x 1088 input), and a
+Sizes: SOLOv2's training canonical size (docs/algorithms.md §12.9: one image, K = 200 positives,
+E = 256 mask-feature channels, 200 x 272 mask map at COCO's 800 x 1088 input), and a
 smaller one (two images, K = 50, E = 128, 100 x 136).
 """
 

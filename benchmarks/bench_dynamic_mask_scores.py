@@ -5,9 +5,9 @@ Cases: ``CASES["dynamic_mask_scores"]`` of ``solo_fast.bench.cases``, which ``so
 runs too.
 Groups, providers and ``extra_info``: ``tests.ops.helpers.benchmark_case``.
 
-Sizes: SPEC §9 / §15.4 at COCO's canonical 800 x 1088 input: one image, E = 256 mask-feature
-channels, a 200 x 272 mask map, 1,000 candidates (score > 0.1 before nms_pre) and 200. The
-``pack_masks`` axis times the op with and without writing the bit-packed binary masks (K x P / 8
+Sizes: docs/algorithms.md §10 / §12.9 at COCO's canonical 800 x 1088 input: one image, E = 256
+mask-feature channels, a 200 x 272 mask map, 1,000 candidates (score > 0.1 before nms_pre) and 200.
+The ``pack_masks`` axis times the op with and without writing the bit-packed binary masks (K x P / 8
 bytes, 6.8 MB at K = 1,000) that SOLOv2's fused post-processing hands to matrix NMS.
 ``test_cpu_schedules`` times the C++ kernel's two schedules (SOLO_FAST_SCORES_SCHEDULE): tiles in
 parallel with single-threaded GEMMs, or tiles in sequence with multi-threaded GEMMs.

@@ -1,5 +1,5 @@
-// Per-pair arithmetic of Matrix NMS (SPEC §10), shared by the CPU and CUDA kernels (and mirrored by
-// kernels/matrix_nms.py) so that every backend rounds exactly as the reference
+// Per-pair arithmetic of Matrix NMS (docs/algorithms.md §11), shared by the CPU and CUDA kernels
+// (and mirrored by kernels/matrix_nms.py) so that every backend rounds exactly as the reference
 // (solo_fast.ops.reference.matrix_nms_reference) does.
 //
 // Candidates are sorted by descending score within each image. For a pair i < j of one image and

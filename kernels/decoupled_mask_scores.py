@@ -1,8 +1,8 @@
 """Triton kernel of Decoupled SOLO's candidate mask scoring, and its host launcher.
 
 Candidate k of image n in grid row i and column j has the soft mask
-s = y_probs[n, i] * x_probs[n, j] (SPEC §9 step 3: the eval-mode probabilities, already sigmoided
-and upsampled, all levels concatenated along the channels). Inference needs of it only
+s = y_probs[n, i] * x_probs[n, j] (docs/algorithms.md §10.3: the eval-mode probabilities, already
+sigmoided and upsampled, all levels concatenated along the channels). Inference needs of it only
 area[k] = #{s > threshold} and soft_sum[k] = sum of s over those pixels; mmdetection materialises
 every product (K x P floats, ~218 MB per 1,000 candidates) to get them. Here grid (candidate,
 chunk of pixels) reads one row of Y and one of X per program and writes one partial per program;

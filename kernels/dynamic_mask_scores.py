@@ -1,7 +1,7 @@
 """Triton kernel of SOLOv2's candidate mask scoring, and its host launcher.
 
 Candidate k of image n has the soft mask s = sigmoid(kernels[k] . mask_feats[n]) over the P pixels
-of the mask map (SPEC §9 step 3). Inference needs of it only two numbers per candidate:
+of the mask map (docs/algorithms.md §10.3). Inference needs of it only two numbers per candidate:
 area[k] = #{s > threshold} and soft_sum[k] = sum of s over those pixels (maskness = soft_sum /
 area). mmdetection materialises every soft mask (K x P floats) to get them; here they come out of
 the epilogue of a tiled GEMM and nothing of size K x P is stored.

@@ -1,10 +1,11 @@
 """Triton kernel of vanilla SOLO's candidate mask scoring, and its host launcher.
 
 Candidate k (grid cell ``channel[k]`` of image ``image[k]`` at one level) has the soft mask
-s = bilinear_resize(sigmoid(mask_preds[n, q]), (H, W)) (SPEC §9 step 3; align_corners=False, no
-antialias), of which inference needs only area[k] = #{s > threshold} and soft_sum[k] = sum of s
-over those pixels. mmdetection resizes every candidate's map to (H, W) to get them; here nothing of
-size K x H x W is stored and each source sample's sigmoid is computed once per tile.
+s = bilinear_resize(sigmoid(mask_preds[n, q]), (H, W)) (docs/algorithms.md §10.3;
+align_corners=False, no antialias), of which inference needs only area[k] = #{s > threshold} and
+soft_sum[k] = sum of s over those pixels. mmdetection resizes every candidate's map to (H, W) to get
+them; here nothing of size K x H x W is stored and each source sample's sigmoid is computed once per
+tile.
 
 Program (candidate, tile of TILE_H x TILE_W output pixels):
   1. the output rows' and columns' source indices and weights (taps);

@@ -1,7 +1,7 @@
 """Model, test and training configuration: frozen dataclasses and mmdetection-named presets.
 
 Every mmdetection 3.3 SOLO / SOLOv2 config has a preset of the same name in :data:`PRESETS`
-(SPEC §1.7, §11). :func:`get_preset` returns one with type-checked overrides::
+(docs/algorithms.md §13.1, §13.2). :func:`get_preset` returns one with type-checked overrides::
 
     cfg = get_preset("solov2_r50_fpn_1x_coco", num_classes=3, lr=0.005)
     cfg = get_preset("solov2_r50_fpn_1x_coco", **{"backbone.dcn": False})

@@ -1,4 +1,4 @@
-"""Losses of the SOLO family, as mmdetection 3.3 computes them (SPEC section 8).
+"""Losses of the SOLO family, as mmdetection 3.3 computes them (docs/algorithms.md §9).
 
 The criteria take a head's raw outputs and the GT instances of a batch and return
 ``{"loss_mask": ..., "loss_cls": ...}``:
@@ -182,7 +182,7 @@ def _gather(preds: Tensor, image: Tensor, channel: Tensor) -> Tensor:
 
 
 class SOLOCriterion(_Criterion):
-    """The training losses of SOLO (SPEC §8.3).
+    """The training losses of SOLO (docs/algorithms.md §9.3).
 
     Each positive cell (i, j) of a level takes mask-logit channel i * S + j of its image; its dice
     loss (sigmoid inside the op) against the GT mask it is assigned to is weighted by
@@ -219,7 +219,7 @@ class SOLOCriterion(_Criterion):
 
 
 class DecoupledSOLOCriterion(_Criterion):
-    """The training losses of Decoupled SOLO and Decoupled SOLO Light (SPEC §8.3).
+    """The training losses of Decoupled SOLO and Decoupled SOLO Light (docs/algorithms.md §9.3).
 
     The soft mask of positive cell (i, j) is p = sigmoid(Y[i]) * sigmoid(X[j]) of its image; its
     dice loss (:func:`solo_fast.ops.decoupled_dice_loss`, which never stores p) is weighted by
@@ -260,7 +260,7 @@ class DecoupledSOLOCriterion(_Criterion):
 
 
 class SOLOv2Criterion(_Criterion):
-    """The training losses of SOLOv2 and Light SOLOv2 (SPEC section 8.3).
+    """The training losses of SOLOv2 and Light SOLOv2 (docs/algorithms.md §9.3).
 
     Every positive (duplicates included) gets the dynamic mask ``kernel . mask_feats`` of its
     image; its dice loss (sigmoid inside the op) against the GT mask it is assigned to is weighted

@@ -1,9 +1,9 @@
 """Training targets of the SOLO family: grid-cell labels and positive (cell, instance) pairs.
 
 Reproduces mmdetection 3.3's ``SOLOHead``, ``DecoupledSOLOHead`` and ``SOLOV2Head``
-``_get_targets_single`` bit for bit (SPEC §7, §18), for a whole batch at once. The instances of
-all images are concatenated and carry their image index, so there is no Python loop over images
-or instances; the only host syncs are one ``nonzero`` per level.
+``_get_targets_single`` bit for bit (docs/algorithms.md §8, §14), for a whole batch at once. The
+instances of all images are concatenated and carry their image index, so there is no Python loop
+over images or instances; the only host syncs are one ``nonzero`` per level.
 
 Unlike mmdetection, no dense (S*S, h, w) mask-target stack is built. Each positive instead points
 at the instance whose downsampled GT mask is its target: a loss gathers ``gt_masks[pos_instance]``
@@ -157,7 +157,7 @@ def downsample_gt_masks(masks: Tensor, factor: int) -> Tensor:
 
     OpenCV samples each output pixel at the centre of its factor x factor block, i.e. the average
     of the block's central 2x2 pixels rounded half up: the output is 1 iff at least 2 of those 4
-    pixels are 1 (SPEC §7.2). No other input pixel matters.
+    pixels are 1 (docs/algorithms.md §8.4). No other input pixel matters.
 
     Args:
         masks: bool (M, H, W), with H and W multiples of ``factor``.
@@ -246,7 +246,7 @@ def _quantise(coord: Tensor, extent: Tensor, cell_fraction: Tensor) -> Tensor:
     """Grid cell of canvas coordinates: int64 (M, L) from coord (M,) for each level.
 
     mmdetection computes trunc((v / U) / float32(1 / S)) in float32, which differs from
-    floor(v * S / U) at some cell boundaries (SPEC §7.1.4, §18.3), so the op order is kept.
+    floor(v * S / U) at some cell boundaries (docs/algorithms.md §8.3), so the op order is kept.
     Both divisors are device tensors: PyTorch's CUDA kernels would replace division by a CPU
     scalar with multiplication by its reciprocal, which changes those boundary cells.
     """

@@ -33,8 +33,8 @@ R50_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
 LIGHT_RANGES = ((1, 64), (32, 128), (64, 256), (128, 512), (256, 2048))
 MS_800 = tuple((1333, s) for s in (800, 768, 736, 704, 672, 640))
 
-# SPEC §1.7 / §11: (family, depth, stacked_convs, feat_channels, E, scale_ranges, epochs,
-# warmup_ratio, lr_steps, grad_clip, train_scales, test_scale)
+# docs/algorithms.md §13.1 / §13.2: (family, depth, stacked_convs, feat_channels, E, scale_ranges,
+# epochs, warmup_ratio, lr_steps, grad_clip, train_scales, test_scale)
 EXPECTED = {
     "solo_r50_fpn_1x_coco": ("solo", 50, 7, 256, None, R50_RANGES, 12, 0.001, (8, 11), None,
                              ((1333, 800),), (1333, 800)),

@@ -1,7 +1,7 @@
 """COCO-format instance segmentation data set, read through pycocotools.
 
 What is kept, following mmdetection 3.3's ``CocoDataset.parse_data_info`` and ``LoadAnnotations``
-(SPEC §1.4):
+(docs/algorithms.md §2.2):
 
 * Images in annotation-file order (``COCO.getImgIds()``); each image's annotations in file order,
   which matters because SOLO's target assignment lets later instances overwrite earlier ones.

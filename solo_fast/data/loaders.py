@@ -6,7 +6,7 @@ right, after normalisation with 0 (``DetDataPreprocessor``, ``stack_batch``), an
 to the same canvas with 0 (``pad_mask=True``). Training batches come from mmengine's
 ``DefaultSampler`` (a seeded permutation per epoch, sharded over ranks) through
 ``AspectRatioBatchSampler``; :class:`GroupedBatchSampler` and :func:`build_train_loader`
-reproduce both (SPEC §1.3, §1.4).
+reproduce both (docs/algorithms.md §2.1, §2.2).
 """
 
 from __future__ import annotations

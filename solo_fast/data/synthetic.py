@@ -19,9 +19,9 @@ compressed RLE; both decode through pycocotools to exactly the drawn pixels.
 
 Object sizes, sqrt(mask area), are log-uniform from 10 px to 0.85 x the image's shorter side by
 default. After the default (1333, 800) resize (a factor of about 3-4 for 192-320 px images) box
-scales run from about 30 px to over 700 px, so every FPN level's scale range in SPEC §1.7 gets
-instances (the demo's 20 px to 0.7 x still does: about 60 px to 900 px).
-Everything is drawn from ``numpy.random.default_rng((seed, split, index))``: the same arguments
+scales run from about 30 px to over 700 px, so every FPN level's scale range in
+docs/algorithms.md §13.1 gets instances (the demo's 20 px to 0.7 x still does: about 60 px to 900
+px). Everything is drawn from ``numpy.random.default_rng((seed, split, index))``: the same arguments
 give byte-identical annotation files and images.
 """
 

@@ -1,6 +1,6 @@
 """Training and evaluation transforms: keep-ratio resize, multi-scale choice, flip, normalise.
 
-These reproduce mmdetection 3.3's SOLO pipeline (SPEC §1.3, §1.4)::
+These reproduce mmdetection 3.3's SOLO pipeline (docs/algorithms.md §2.1, §2.2)::
 
     Resize(scale=(1333, 800), keep_ratio=True)        -> Resize(scale=(1333, 800))
     RandomChoiceResize(scales=[...], keep_ratio=True) -> RandomChoiceResize(scales=(...))

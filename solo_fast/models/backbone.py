@@ -1,4 +1,5 @@
-"""Backbone and neck: torchvision ResNet-18/34/50/101 (C2..C5) and the FPN (P2..P6) of SPEC §1.2.
+"""Backbone and neck: torchvision ResNet-18/34/50/101 (C2..C5) and the FPN (P2..P6) of
+docs/algorithms.md §4.1.
 
 Parameter names follow mmdetection's where they can: mmdetection's ``ResNet`` uses torchvision's
 names, so ``backbone.*`` keys are identical. The FPN convs are plain ``nn.Conv2d`` here,

@@ -5,8 +5,8 @@
   :func:`conv_tower`, a stack of them.
 * :func:`init_output_convs`, mmdetection's initialisation of a head's output convs.
 * :func:`upsample2x`, the bilinear x2 of the mask branches.
-* :func:`coord_features`, mmdetection's ``generate_coordinate`` (SPEC §1.6).
-* :func:`resize_feats`, the FPN-to-instance-level resampling of SPEC §1.5.
+* :func:`coord_features`, mmdetection's ``generate_coordinate`` (docs/algorithms.md §4.3).
+* :func:`resize_feats`, the FPN-to-instance-level resampling of docs/algorithms.md §4.2.
 """
 
 # N=images, C=channels, H, W=spatial size of the tensor at hand, L=levels
@@ -38,7 +38,7 @@ class ConvGNReLU(nn.Module):
     """Conv (no bias) -> GroupNorm -> ReLU, as mmcv's ``ConvModule`` with a GN ``norm_cfg``.
 
     Weights are drawn from Normal(0, 0.01) and the GN affine starts at (1, 0): the initialisation
-    mmdetection's SOLO heads give their tower convs (SPEC §2, §18.1).
+    mmdetection's SOLO heads give their tower convs (docs/algorithms.md §4.4).
 
     Args:
         in_channels: Input channels.
@@ -104,7 +104,8 @@ def upsample2x(x: Tensor) -> Tensor:
 
 
 def coord_features(like: Tensor) -> Tensor:
-    """CoordConv channels for a feature map: [x, y], each a linspace(-1, 1) ramp (SPEC §1.6).
+    """CoordConv channels for a feature map: [x, y], each a linspace(-1, 1) ramp
+    (docs/algorithms.md §4.3).
 
     x varies along columns, y along rows, and every image of the batch gets the same values.
     The ramps are computed in float32 (as mmdetection does) and then cast to ``like``'s dtype.
@@ -123,7 +124,8 @@ def coord_features(like: Tensor) -> Tensor:
 
 
 def resize_feats(feats: Sequence[Tensor]) -> list[Tensor]:
-    """Resample the five FPN maps P2..P6 into the five instance levels (SPEC §1.5, §18.20-21).
+    """Resample the five FPN maps P2..P6 into the five instance levels (docs/algorithms.md §4.2,
+    §3.2).
 
     Level 0 is P2 bilinearly scaled by 0.5 (source coordinates from the *given* scale, which for
     the even sizes of a 32-padded canvas equals 2x2 average pooling); the last level is P6

@@ -1,5 +1,5 @@
 """Decoupled SOLO and Decoupled SOLO Light (mmdetection 3.3 ``DecoupledSOLOHead`` and
-``DecoupledSOLOLightHead``, SPEC §4, §5).
+``DecoupledSOLOLightHead``, docs/algorithms.md §6).
 
 Instead of one mask channel per grid cell, each level predicts S "X" maps (one per grid column)
 and S "Y" maps (one per grid row); the mask of cell (i, j) is sigmoid(Y[i]) * sigmoid(X[j]).
@@ -129,7 +129,8 @@ class _DecoupledHeadBase(nn.Module):
 
 
 class DecoupledSOLOHead(_DecoupledHeadBase):
-    """Separate X and Y mask towers, a class tower, and per-level 3x3 X / Y output convs (SPEC §4).
+    """Separate X and Y mask towers, a class tower, and per-level 3x3 X / Y output convs
+    (docs/algorithms.md §6).
 
     X path: [feature, x] -> X tower -> bilinear x2 -> 3x3 conv to S_l channels; the Y path is the
     same with the y coordinate. Category path: :func:`~solo_fast.models.solo.category_logits`.
@@ -174,7 +175,8 @@ class DecoupledSOLOHead(_DecoupledHeadBase):
 
 
 class DecoupledSOLOLightHead(_DecoupledHeadBase):
-    """One mask tower shared by the X and Y output convs, and a class tower (SPEC §5).
+    """One mask tower shared by the X and Y output convs, and a class tower
+    (docs/algorithms.md §6.3).
 
     Mask path: [feature, x, y] -> tower -> bilinear x2, then separate 3x3 X and Y convs to S_l
     channels each. Category path: :func:`~solo_fast.models.solo.category_logits`.

@@ -1,10 +1,10 @@
-"""SOLO (mmdetection 3.3 ``SOLOHead``, SPEC §3).
+"""SOLO (mmdetection 3.3 ``SOLOHead``, docs/algorithms.md §5).
 
 Heads -> model -> builder -> mmdetection key map. The model returns raw per-level logits and
 nothing else, in train and eval mode alike: the criterion (``solo_fast.losses``) and the
 post-processing are separate objects. mmdetection's eval-mode ``forward`` also applies a sigmoid,
-resizes every mask map to level 0's size and points-NMSes the class scores (SPEC §3.2 step 3);
-here those steps belong to the post-processing.
+resizes every mask map to level 0's size and points-NMSes the class scores
+(docs/algorithms.md §5.2 step 3); here those steps belong to the post-processing.
 
 Parameter names differ from mmdetection's where those are awkward; :func:`mmdet_head_key_map`
 and :func:`mmdet_model_key_map` translate (:func:`solo_fast.convert_mmdet_state_dict` converts a
@@ -104,8 +104,8 @@ def category_logits(feat: Tensor, grid: int, convs: Sequence[nn.Module], pred: n
 class SOLOHead(nn.Module):
     """Mask and category towers shared by the five instance levels, one mask output conv per level.
 
-    Mask path (SPEC §3.2): [feature, x, y] -> ``stacked_convs`` ConvGNReLU -> bilinear x2 ->
-    1x1 conv to S_l^2 channels. Category path: :func:`category_logits`.
+    Mask path (docs/algorithms.md §5.2): [feature, x, y] -> ``stacked_convs`` ConvGNReLU -> bilinear
+    x2 -> 1x1 conv to S_l^2 channels. Category path: :func:`category_logits`.
 
     Args:
         num_classes: C, foreground classes.

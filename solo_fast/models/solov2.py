@@ -1,4 +1,5 @@
-"""SOLOv2 and Light SOLOv2 (mmdetection 3.3 ``SOLOV2Head`` + ``MaskFeatModule``, SPEC §6).
+"""SOLOv2 and Light SOLOv2 (mmdetection 3.3 ``SOLOV2Head`` + ``MaskFeatModule``,
+docs/algorithms.md §7).
 
 Heads -> model -> builder -> mmdetection key map. The model returns raw per-level tensors and
 nothing else: the criterion (losses) and the post-processing (predictions) are separate objects.
@@ -81,7 +82,8 @@ class MaskFeatModule(nn.Module):
 
     FPN level l (stride 2^(l+2)) goes through max(l, 1) ConvGNReLU 3x3 convs, each followed by
     a bilinear x2 upsample when l > 0; the last level first gets the coordinate channels. The
-    sum goes through a 1x1 ConvGNReLU to E channels, so the features are >= 0 (SPEC §6.1).
+    sum goes through a 1x1 ConvGNReLU to E channels, so the features are >= 0
+    (docs/algorithms.md §7.1).
 
     Args:
         in_channels: Channels of the FPN maps.
@@ -116,7 +118,7 @@ class MaskFeatModule(nn.Module):
                 for j in range(max(level, 1))))
         self.out_conv = ConvGNReLU(feat_channels, out_channels, 1, num_groups=num_groups)
         # mmdetection re-initialises this direct child ConvModule after the Normal(0.01) init
-        # of everything else: Kaiming-normal, fan_out (SPEC §18.1)
+        # of everything else: Kaiming-normal, fan_out (docs/algorithms.md §4.4)
         nn.init.kaiming_normal_(self.out_conv.conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
@@ -147,8 +149,9 @@ class SOLOv2Head(nn.Module):
     """Kernel and category branches on the five instance levels, plus the mask-feature branch.
 
     Per level, the resampled FPN map and its coordinate channels are bilinearly resized to
-    S x S together, so the coordinates at S x S are resampled ramps (SPEC §1.6, §6.2). The kernel
-    tower sees all channels, the category tower the features only; towers are shared by levels.
+    S x S together, so the coordinates at S x S are resampled ramps (docs/algorithms.md §4.3, §7.2).
+    The kernel tower sees all channels, the category tower the features only; towers are shared by
+    levels.
 
     Args:
         mask_feat: The mask-feature branch; its ``out_channels`` is the kernel length E.

@@ -1,12 +1,13 @@
 """Decoupled SOLO's dice loss as one fused op on every backend.
 
 Positive k of image n in grid row i and column j has the soft mask
-p_k = sigmoid(Y[n, i]) * sigmoid(X[n, j]) (SPEC §4.2) and the dice loss of SPEC §8.1 against its
-target. mmdetection materialises every p_k (K x H x W, several times over in the backward); the
-fused backends never store p_k nor the sigmoids: the forward recomputes them from the logits while
-it reduces a = sum p*t, b = sum p^2, c = sum t^2, and the backward recomputes them again while it
-accumulates each positive's terms into the gradient rows of X and Y that it shares with other
-positives, without races and in a fixed order (see ``csrc/cpu/decoupled_dice_loss.cpp``).
+p_k = sigmoid(Y[n, i]) * sigmoid(X[n, j]) (docs/algorithms.md §6.2) and the dice loss of
+docs/algorithms.md §9.1 against its target. mmdetection materialises every p_k (K x H x W, several
+times over in the backward); the fused backends never store p_k nor the sigmoids: the forward
+recomputes them from the logits while it reduces a = sum p*t, b = sum p^2, c = sum t^2, and the
+backward recomputes them again while it accumulates each positive's terms into the gradient rows of
+X and Y that it shares with other positives, without races and in a fixed order (see
+``csrc/cpu/decoupled_dice_loss.cpp``).
 
 The compiled kernels (``torch.ops.solo_fast.decoupled_dice_loss_forward/backward``, C++ on CPU,
 CUDA on GPU) and the Triton kernels (``torch.ops.solo_fast.decoupled_dice_loss_triton_forward/

@@ -1,13 +1,13 @@
 """SOLOv2's dynamic mask convolution and dice loss as one fused op on every backend.
 
 Positive k of image n has the mask logits z_k = kernels[k] . mask_feats[n] (a 1x1 convolution,
-SPEC §6.3) and the dice loss of sigmoid(z_k) against its target (SPEC §8.1). mmdetection stores
-every z_k (K x H x W) and several full-size temporaries of the dice loss; the fused backends never
-store them: the forward runs the GEMM tile by tile with the sigmoid and the three reductions
-a = sum p*t, b = sum p^2, c = sum t^2 on each tile while it is in cache, and the backward
-recomputes each tile's logits, turns them into dL/dz and runs the two gradient GEMMs on it
-(``csrc/cpu/dynamic_mask_dice_loss.cpp``). One call covers every image and level of a batch:
-positives come in any order.
+docs/algorithms.md §7.3) and the dice loss of sigmoid(z_k) against its target
+(docs/algorithms.md §9.1). mmdetection stores every z_k (K x H x W) and several full-size
+temporaries of the dice loss; the fused backends never store them: the forward runs the GEMM tile by
+tile with the sigmoid and the three reductions a = sum p*t, b = sum p^2, c = sum t^2 on each tile
+while it is in cache, and the backward recomputes each tile's logits, turns them into dL/dz and runs
+the two gradient GEMMs on it (``csrc/cpu/dynamic_mask_dice_loss.cpp``). One call covers every image
+and level of a batch: positives come in any order.
 
 The compiled kernels (``torch.ops.solo_fast.dynamic_mask_dice_loss_forward/backward``, C++ on
 CPU, CUDA on GPU) and the Triton kernels (``torch.ops.solo_fast.dynamic_mask_dice_loss_triton_

@@ -1,12 +1,13 @@
 """SOLOv2's candidate scoring as one fused op on every backend: area and maskness sums of the
 candidates' masks without storing the masks (or, on request, storing them as bits).
 
-At inference SOLOv2 (SPEC §9 steps 3-6) turns each candidate's dynamic kernel into a soft mask
-s = sigmoid(kernel . mask_feats) over the image's H x W mask map, binarises it (s > mask_thr) and
-needs only two numbers per candidate before the top-k: the binary mask's area and the sum of s
-inside it (maskness = soft_sum / area). mmdetection materialises all K soft masks first (K x H x W
-floats, 218 MB per 1,000 candidates at 800 x 1088, SPEC §15.4). The fused backends compute the
-logits tile by tile (a GEMM per tile of pixels) and reduce them while the tile is in cache.
+At inference SOLOv2 (docs/algorithms.md §10.3-10.6) turns each candidate's dynamic kernel into a
+soft mask s = sigmoid(kernel . mask_feats) over the image's H x W mask map, binarises it
+(s > mask_thr) and needs only two numbers per candidate before the top-k: the binary mask's area and
+the sum of s inside it (maskness = soft_sum / area). mmdetection materialises all K soft masks first
+(K x H x W floats, 218 MB per 1,000 candidates at 800 x 1088, docs/algorithms.md §12.9). The fused
+backends compute the logits tile by tile (a GEMM per tile of pixels) and reduce them while the tile
+is in cache.
 
 The compiled kernel (``torch.ops.solo_fast.dynamic_mask_scores``, C++ on CPU, CUDA on GPU) and the
 Triton kernel (``torch.ops.solo_fast.dynamic_mask_scores_triton``) share one contract:

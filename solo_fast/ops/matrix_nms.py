@@ -1,4 +1,5 @@
-"""SOLOv2's Matrix NMS (mmdetection ``mask_matrix_nms``, SPEC §10) on bit-packed masks.
+"""SOLOv2's Matrix NMS (mmdetection ``mask_matrix_nms``, docs/algorithms.md §11) on bit-packed
+masks.
 
 The reference (``matrix_nms_reference``) multiplies float copies of the masks (n x P, 4 bytes a
 pixel) into an n x n GEMM and builds five n x n temporaries. The fused backends pack each mask into

@@ -72,7 +72,8 @@ def decoupled_dice_loss_reference(x_logits: Tensor, y_logits: Tensor, pos_image:
 
 def dynamic_mask_dice_loss_reference(kernels: Tensor, mask_feats: Tensor, pos_image: Tensor,
                                      target: Tensor, *, eps: float = 1e-3) -> Tensor:
-    """Dice loss of SOLOv2's dynamic masks (mmdetection ``SOLOV2Head.loss_by_feat``, SPEC §6.3).
+    """Dice loss of SOLOv2's dynamic masks (mmdetection ``SOLOV2Head.loss_by_feat``,
+    docs/algorithms.md §7.3).
 
     The logits of positive k are the 1x1 convolution of its image's mask features with its
     kernel, ``z_k = sum_e kernels[k, e] * mask_feats[pos_image[k], e]``; their dice loss
@@ -109,7 +110,8 @@ def matrix_nms_reference(masks: Tensor, labels: Tensor, scores: Tensor, *,
                          kernel: str = "gaussian", sigma: float = 2.0,
                          mask_area: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Matrix NMS of SOLOv2 (mmdetection ``mask_matrix_nms``, SPEC §10), step for step.
+    """Matrix NMS of SOLOv2 (mmdetection ``mask_matrix_nms``, docs/algorithms.md §11), step for
+    step.
 
     Candidates are sorted by score (descending) and cut to ``nms_pre``. For i < j (i scored
     higher), d_ij = IoU(i, j) when both have the same label and 0 otherwise; comp_i = max_k d_ki
@@ -267,7 +269,8 @@ def unpack_masks_reference(packed: Tensor, height: int, width: int) -> Tensor:
 def dynamic_mask_scores_reference(kernels: Tensor, mask_feats: Tensor, image: Tensor, *,
                                   threshold: float, pack_masks: bool = False
                                   ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
-    """Area and soft sum of SOLOv2's candidate masks (mmdetection ``SOLOV2Head``, SPEC §9 3-6).
+    """Area and soft sum of SOLOv2's candidate masks (mmdetection ``SOLOV2Head``,
+    docs/algorithms.md §10.3-10.6).
 
     Per image, as mmdetection does: the candidates' soft masks are the 1 x 1 convolution of the
     image's mask features with their dynamic kernels, then a sigmoid; the binary mask is
@@ -315,7 +318,7 @@ def dynamic_mask_scores_reference(kernels: Tensor, mask_feats: Tensor, image: Te
 def decoupled_mask_scores_reference(x_probs: Tensor, y_probs: Tensor, image: Tensor, row: Tensor,
                                     col: Tensor, *, threshold: float) -> tuple[Tensor, Tensor]:
     """Area and soft sum of Decoupled SOLO's candidate masks (mmdetection
-    ``DecoupledSOLOHead``, SPEC §9 3-6).
+    ``DecoupledSOLOHead``, docs/algorithms.md §10.3-10.6).
 
     The soft mask of candidate k is ``y_probs[n, i] * x_probs[n, j]`` with n, i, j =
     ``image[k], row[k], col[k]`` (channels of the levels' concatenated maps); the binary mask is
@@ -345,8 +348,8 @@ _SOLO_SCORES_CHUNK = 64
 def solo_mask_scores_reference(mask_preds: Tensor, image: Tensor, channel: Tensor, *,
                                size: tuple[int, int], threshold: float,
                                logits: bool = True) -> tuple[Tensor, Tensor]:
-    """Area and soft sum of vanilla SOLO's candidate masks (mmdetection ``SOLOHead``, SPEC §9
-    3-6).
+    """Area and soft sum of vanilla SOLO's candidate masks (mmdetection ``SOLOHead``,
+    docs/algorithms.md §10.3-10.6).
 
     The soft mask of candidate k is channel ``channel[k]`` of image ``image[k]`` of one level,
     activated (sigmoid, in the inputs' dtype) and resized bilinearly to ``size``

@@ -104,7 +104,7 @@ def assert_channel_subset(actual: Tensor, encoded: dict, *, atol: float, rtol: f
 
 def eval_probabilities(mask_preds: list[Tensor], cls_preds: list[Tensor]):
     """mmdetection's eval-mode forward extras on raw logits: sigmoid, then every mask map resized
-    to level 0's size; class sigmoid with points NMS (SPEC §3.2 step 3)."""
+    to level 0's size; class sigmoid with points NMS (docs/algorithms.md §5.2 step 3)."""
     size = mask_preds[0].shape[-2:]
     masks = [F.interpolate(m.sigmoid(), size=size, mode="bilinear", align_corners=False)
              for m in mask_preds]

@@ -225,10 +225,10 @@ def test_opcheck_triton_ops():
 
 def test_fused_backward_allocates_only_the_gradients():
     assert has_ops(), "solo_fast._C is not built"
-    # Decoupled SOLO's level 0 at the canonical size (SPEC §15.3): S = 40, 200 x 272, K = 200.
-    # Its (K, H, W) floats (43.5 MB) lie above glibc's largest mmap threshold (32 MiB): freeing
-    # them does not raise the threshold, which would let the allocations of later memory tests
-    # (test_dice_loss's 27.8 MB) come from resident heap pages and escape their measurement.
+    # Decoupled SOLO's level 0 at the canonical size (docs/algorithms.md §12.9): S = 40, 200 x 272,
+    # K = 200. Its (K, H, W) floats (43.5 MB) lie above glibc's largest mmap threshold (32 MiB):
+    # freeing them does not raise the threshold, which would let the allocations of later memory
+    # tests (test_dice_loss's 27.8 MB) come from resident heap pages and escape their measurement.
     x, y, *rest = make_decoupled_inputs(1, 40, (200, 272), 200, num_blocks=25)
     x.requires_grad_(True)
     y.requires_grad_(True)

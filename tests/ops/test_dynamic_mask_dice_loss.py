@@ -64,7 +64,7 @@ def test_reference_matches_the_direct_formula():
     expected = 1 - 2 * (p * t).sum(1) / (((p * p).sum(1) + eps) + ((t * t).sum(1) + eps))
     actual = dynamic_mask_dice_loss_reference(kernels, feats, pos_image, target, eps=eps)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
-    # SPEC §8.1's worked example, with logits that give p = (0.9, 0.2, 0.7, 0.1).
+    # docs/algorithms.md §9.1's worked example, with logits that give p = (0.9, 0.2, 0.7, 0.1).
     probs = torch.tensor([0.9, 0.2, 0.7, 0.1], dtype=torch.float64)
     example_feats = torch.logit(probs).reshape(1, 1, 1, 4)  # (N, E, H, W)
     example = dynamic_mask_dice_loss_reference(
@@ -208,7 +208,8 @@ def test_opcheck(backend):
 
 def test_fused_backward_allocates_only_the_gradients():
     assert has_ops(), "solo_fast._C is not built"
-    # Half the canonical size (SPEC §15.4: E = 256, 200 x 272, K = 200) in K and E, to stay fast.
+    # Half the canonical size (docs/algorithms.md §12.9: E = 256, 200 x 272, K = 200) in K and E, to
+    # stay fast.
     kernels, feats, pos_image, target = make_dynamic_inputs(1, 128, (200, 272), 100)
     kernels.requires_grad_(True)
     feats.requires_grad_(True)

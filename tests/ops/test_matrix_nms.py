@@ -64,7 +64,8 @@ def _blocks(shape, *boxes) -> torch.Tensor:
 
 
 def test_worked_example():
-    # SPEC §10: A (2x2) inside B (2x3, IoU 2/3), C disjoint, one class, scores 0.9 / 0.8 / 0.7
+    # docs/algorithms.md §11: A (2x2) inside B (2x3, IoU 2/3), C disjoint, one class, scores
+    # 0.9 / 0.8 / 0.7
     masks = _blocks((6, 8), (0, 0, 2, 2), (0, 0, 2, 3), (4, 5, 6, 8))
     scores, labels, out_masks, keep_inds = matrix_nms_reference(
         masks, torch.zeros(3, dtype=torch.int64), torch.tensor([0.9, 0.8, 0.7]))
@@ -77,7 +78,7 @@ def test_worked_example():
 
 
 def test_thousand_identical_masks_keep_one():
-    # SPEC §10, mmdetection v2's unit test: 1000 identical masks of score 1
+    # docs/algorithms.md §11, mmdetection v2's unit test: 1000 identical masks of score 1
     masks = torch.ones(1000, 8, 8, dtype=torch.bool)
     labels = torch.zeros(1000, dtype=torch.int64)
     kwargs = {"nms_pre": 500, "max_num": 100, "kernel": "gaussian", "sigma": 2.0}
@@ -120,7 +121,8 @@ def test_ties_keep_input_order_through_both_sorts():
 
 
 def test_linear_identical_masks_decay_to_zero_not_nan():
-    # mmdetection: comp = 1 gives 0/0 = NaN, which sorts first (SPEC §18.14); here the decay is 0
+    # mmdetection: comp = 1 gives 0/0 = NaN, which sorts first (docs/algorithms.md §11.2); here the
+    # decay is 0
     masks = torch.ones(3, 6, 6, dtype=torch.bool)
     labels = torch.zeros(3, dtype=torch.int64)
     scores, _, _, keep_inds = matrix_nms_reference(masks, labels, torch.tensor([0.9, 0.8, 0.7]),
@@ -140,7 +142,7 @@ def test_linear_identical_masks_decay_to_zero_not_nan():
 
 
 def test_mask_area_is_used_as_given():
-    # SPEC §18.16: two identical 4-pixel masks; areas of 8 make IoU 1/3 instead of 1
+    # docs/algorithms.md §11.2: two identical 4-pixel masks; areas of 8 make IoU 1/3 instead of 1
     masks = _blocks((4, 4), (0, 0, 2, 2), (0, 0, 2, 2))
     labels, scores = torch.zeros(2, dtype=torch.int64), torch.tensor([0.9, 0.8])
     default = matrix_nms_reference(masks, labels, scores)[0]

@@ -169,7 +169,7 @@ def _special_cases():
         "area_as_given": (_blocks((4, 4), (0, 0, 2, 2), (0, 0, 2, 2)),
                           torch.zeros(2, dtype=torch.int64), torch.tensor([0.9, 0.8]),
                           {"mask_area": torch.tensor([8.0, 8.0])}),
-        # SPEC §18.15: two empty masks (of *different* classes) make every score NaN
+        # docs/algorithms.md §11.2: two empty masks (of *different* classes) make every score NaN
         "two_empty_masks": (two_empty, torch.tensor([0, 1, 2]), torch.tensor([0.9, 0.8, 0.7]), {}),
         "two_empty_masks_same_class": (two_empty, zeros3, torch.tensor([0.9, 0.8, 0.7]), {}),
         # given zero areas: 0/0 only for disjoint masks (0 and 2 overlap, 1 and 3 do not)
