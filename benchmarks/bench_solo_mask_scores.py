@@ -6,9 +6,9 @@ runs too.
 Groups, providers and ``extra_info``: ``tests.ops.helpers.benchmark_case``.
 
 Sizes: docs/algorithms.md §10 / §12.9 at COCO's canonical 800 x 1088 input: one image, mmdetection's
-grids (40, 36, 24, 16, 12), each level's mask logits (1, S^2, h, w) at (200, 272), (200, 272),
-(100, 136), (50, 68), (50, 68), resized to the level-0 map 200 x 272; 1,000 (and 200) candidates
-at distinct random cells of all levels (so ~75 % lie on the two full-size levels, which need no
+grids (40, 36, 24, 16, 12), each level's mask logits (1, S^2, h, w) at (200, 272), (200, 272), (100,
+136), (50, 68), (50, 68), resized to the level-0 map 200 x 272; 1,000 (and 200) candidates at
+distinct random cells of all levels (so ~75 % lie on the two full-size levels, which need no
 resize), one op call per level, as the fused post-processing calls it.
 """
 

@@ -1,5 +1,5 @@
-"""Triton kernels of Matrix NMS (SOLOv2, docs/algorithms.md §11) on bit-packed masks, and their host
-launchers.
+"""Triton kernels of Matrix NMS (docs/algorithms.md §11) on bit-packed masks, and their host
+launchers (SOLOv2's NMS, every family uses it).
 
 Two host functions with the contract of the ATen ops ``solo_fast::matrix_nms_pack`` and
 ``solo_fast::matrix_nms_decay`` (``csrc/solo_fast.cpp``); the sorts, the ``nms_pre`` cut, the

@@ -5,7 +5,7 @@ These reproduce mmdetection 3.3's SOLO pipeline (docs/algorithms.md §2.1, §2.2
     Resize(scale=(1333, 800), keep_ratio=True)        -> Resize(scale=(1333, 800))
     RandomChoiceResize(scales=[...], keep_ratio=True) -> RandomChoiceResize(scales=(...))
     RandomFlip(prob=0.5)                               -> RandomFlip(prob=0.5)
-    DetDataPreprocessor(mean, std, bgr_to_rgb=True)    -> Normalize() (padding: data.loaders.collate)
+    DetDataPreprocessor(mean, std, bgr_to_rgb=True)    -> Normalize() (padding: loaders.collate)
 
 Every transform is a frozen dataclass called as ``image, target = t(image, target,
 generator=g)``. ``image`` is a ``(3, H, W)`` tensor in RGB order, uint8 until

@@ -104,8 +104,8 @@ def category_logits(feat: Tensor, grid: int, convs: Sequence[nn.Module], pred: n
 class SOLOHead(nn.Module):
     """Mask and category towers shared by the five instance levels, one mask output conv per level.
 
-    Mask path (docs/algorithms.md §5.2): [feature, x, y] -> ``stacked_convs`` ConvGNReLU -> bilinear
-    x2 -> 1x1 conv to S_l^2 channels. Category path: :func:`category_logits`.
+    Mask path (docs/algorithms.md §5.2): [feature, x, y] -> ``stacked_convs`` ConvGNReLU ->
+    bilinear x2 -> 1x1 conv to S_l^2 channels. Category path: :func:`category_logits`.
 
     Args:
         num_classes: C, foreground classes.

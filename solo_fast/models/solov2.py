@@ -149,7 +149,8 @@ class SOLOv2Head(nn.Module):
     """Kernel and category branches on the five instance levels, plus the mask-feature branch.
 
     Per level, the resampled FPN map and its coordinate channels are bilinearly resized to
-    S x S together, so the coordinates at S x S are resampled ramps (docs/algorithms.md §4.3, §7.2).
+    S x S together, so the coordinates at S x S are resampled ramps (docs/algorithms.md §4.3,
+    §7.2).
     The kernel tower sees all channels, the category tower the features only; towers are shared by
     levels.
 

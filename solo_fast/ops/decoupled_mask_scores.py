@@ -4,8 +4,8 @@ the candidates' masks without storing the masks.
 At inference Decoupled SOLO (docs/algorithms.md §10.3-10.6) gives candidate k of image n in grid row
 i and column j the soft mask s = y_probs[n, i] * x_probs[n, j] (the eval forward's upsampled sigmoid
 maps of all levels, concatenated along channels), binarises it (s > mask_thr) and needs only its
-area and the sum of s inside it before the top-k. mmdetection materialises every product first
-(K x H x W floats, 218 MB per 1,000 candidates at 800 x 1088, docs/algorithms.md §12.9). The fused
+area and the sum of s inside it before the top-k. mmdetection materialises every product first (K x
+H x W floats, 218 MB per 1,000 candidates at 800 x 1088, docs/algorithms.md §12.9). The fused
 backends stream the two rows of each candidate once and keep nothing.
 
 The compiled kernel (``torch.ops.solo_fast.decoupled_mask_scores``, C++ on CPU, CUDA on GPU) and

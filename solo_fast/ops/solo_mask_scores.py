@@ -4,9 +4,9 @@ candidates' masks without storing the masks.
 At inference SOLO (docs/algorithms.md §10.3-10.6) gives candidate k, grid cell q of level l in image
 n, the soft mask s = bilinear_resize(sigmoid(mask_preds_l[n, q]), (H, W)) at the level-0 mask-map
 size, binarises it (s > mask_thr) and needs only its area and the sum of s inside it before the
-top-k. mmdetection resizes every channel of every level first (3872 x H x W floats, 842 MB at
-800 x 1088, docs/algorithms.md §12.9). The fused backends read each candidate's small source map
-once and keep nothing of size K x H x W.
+top-k. mmdetection resizes every channel of every level first (3872 x H x W floats, 842 MB at 800 x
+1088, docs/algorithms.md §12.9). The fused backends read each candidate's small source map once and
+keep nothing of size K x H x W.
 
 The compiled kernel (``torch.ops.solo_fast.solo_mask_scores``, C++ on CPU, CUDA on GPU) and the
 Triton kernel (``torch.ops.solo_fast.solo_mask_scores_triton``) share one contract:

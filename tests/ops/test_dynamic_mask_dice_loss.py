@@ -208,8 +208,8 @@ def test_opcheck(backend):
 
 def test_fused_backward_allocates_only_the_gradients():
     assert has_ops(), "solo_fast._C is not built"
-    # Half the canonical size (docs/algorithms.md §12.9: E = 256, 200 x 272, K = 200) in K and E, to
-    # stay fast.
+    # Half the canonical size (docs/algorithms.md §12.9: E = 256, 200 x 272, K = 200) in K and E,
+    # to stay fast.
     kernels, feats, pos_image, target = make_dynamic_inputs(1, 128, (200, 272), 100)
     kernels.requires_grad_(True)
     feats.requires_grad_(True)
