@@ -51,6 +51,8 @@ from typing import Any, Protocol
 
 import torch
 
+from solo_fast.deploy.preprocess import rescale_size  # mmcv's keep-ratio size, torch-free
+
 __all__ = [
     "Compose",
     "IMAGENET_MEAN",
@@ -79,31 +81,6 @@ class Transform(Protocol):
 
     def __call__(self, image: torch.Tensor, target: Target, *,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, Target]: ...
-
-
-def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
-    """The keep-ratio output size of mmcv's ``rescale_size`` / ``imrescale``.
-
-    The scale factor is ``min(long / max(h, w), short / min(h, w))`` with ``long, short =
-    max(scale), min(scale)``, so ``(1333, 800)`` and ``(800, 1333)`` are the same target. Each side
-    becomes ``int(side * factor + 0.5)``, in Python (float64) arithmetic as mmcv computes it.
-
-    Args:
-        size: ``(h, w)`` of the input image.
-        scale: ``(long edge, short edge)`` limits, in either order.
-
-    Returns:
-        ``(new_h, new_w)``.
-
-    Raises:
-        ValueError: a non-positive size or scale.
-    """
-    h, w = size
-    if h <= 0 or w <= 0 or min(scale) <= 0:
-        raise ValueError(f"rescale_size needs positive sizes, got size {size} and scale {scale}")
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(h, w), short_edge / min(h, w))
-    return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
 
 
 def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -61,8 +61,12 @@ def to_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def rescale_size(size: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
-    """The keep-ratio output size of mmcv's ``rescale_size``, as
-    ``solo_fast.data.transforms.rescale_size`` computes it (repeated here, without torch).
+    """The keep-ratio output size of mmcv's ``rescale_size`` / ``imrescale``: the one home of
+    this rule (``solo_fast.data.transforms`` uses it too).
+
+    The scale factor is ``min(long / max(h, w), short / min(h, w))`` with ``long, short =
+    max(scale), min(scale)``, so ``(1333, 800)`` and ``(800, 1333)`` are the same target. Each side
+    becomes ``int(side * factor + 0.5)``, in Python (float64) arithmetic as mmcv computes it.
 
     Args:
         size: ``(h, w)`` of the input image.

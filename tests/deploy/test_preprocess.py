@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from solo_fast.data import build_eval_transform, collate
-from solo_fast.data import rescale_size as torch_rescale_size
-from solo_fast.deploy.preprocess import pad_batch, preprocess, rescale_size, to_rgb
+from solo_fast.deploy.preprocess import pad_batch, preprocess, to_rgb
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -46,13 +45,6 @@ def test_batch_equals_the_torch_path(sizes, scale):
     np.testing.assert_array_equal(batch, expected.images.numpy())  # same operations, same bits
     assert image_sizes.tolist() == [list(s) for s in expected.image_sizes]
     assert original_sizes.tolist() == [list(s) for s in sizes]
-
-
-def test_rescale_size_equals_the_torch_path():
-    rng = np.random.default_rng(0)
-    for h, w in rng.integers(1, 3000, (500, 2)).tolist():
-        for scale in ((1333, 800), (800, 1333), (160, 96), (512, 512)):
-            assert rescale_size((h, w), scale) == torch_rescale_size((h, w), scale)
 
 
 def test_a_fixed_canvas_pads_to_it_and_refuses_larger_images():
