@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -209,7 +210,10 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "iteration": self.iteration, "rng": rng_state(),
-                "settings": asdict(self.settings),
+                # plain values only (a work_dir given as a Path is written as its string), so
+                # that the checkpoint loads with weights_only=True
+                "settings": {key: os.fspath(value) if isinstance(value, os.PathLike) else value
+                             for key, value in asdict(self.settings).items()},
                 **({"ema": self.average.state_dict()} if self.average is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

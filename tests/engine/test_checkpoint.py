@@ -58,10 +58,12 @@ def test_random_state_round_trips_through_a_weights_only_file(tmp_path):
 
 
 def test_a_trainer_checkpoint_loads_weights_only(tmp_path):
-    settings = RunSettings(work_dir=str(tmp_path), progress=False, max_iters=1)
+    # a work_dir given as a Path (as the demo gives it) is written as its string
+    settings = RunSettings(work_dir=tmp_path, progress=False, max_iters=1)
     Trainer(model=toy_model(), train_cfg=TRAIN_CFG, loader=toy_loader(2), settings=settings).fit()
     state = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert state["iteration"] == 1 and "rng" in state and "optimizer" in state
+    assert state["settings"]["work_dir"] == str(tmp_path)
 
 
 def test_resume_refuses_a_planted_pickle(tmp_path, monkeypatch):
