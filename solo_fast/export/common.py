@@ -42,8 +42,10 @@ __all__ = [
     "FamilyMasks",
     "PostprocessGraph",
     "flatten_outputs",
-    "select_candidates",
     "masked_matrix_nms",
+    "output_names",
+    "select_candidates",
+    "unflatten_outputs",
 ]
 
 _INVALID = -1.0  # sort key of a padded or rejected entry: every real score is >= 0
@@ -143,7 +145,7 @@ def select_candidates(flat: Tensor, score_thr: float,
         flat: (N, P) class scores after points NMS, pair p = cell * C + class.
         score_thr: Pairs need score > score_thr (strict).
         cap: None: Q = the largest count of the batch (at least 1), so every candidate is kept;
-            an int: Q = min(cap, P), the best ``cap`` of each image by score (stable).
+            an int: Q = min(cap, P), the best ``cap`` of each image by score.
 
     Returns:
         ``(index, valid, count)``: (N, Q) int64 pair indices, ascending; (N, Q) bool, which
@@ -160,7 +162,9 @@ def select_candidates(flat: Tensor, score_thr: float,
     else:
         columns = min(int(cap), width)
     key = torch.where(above, flat, _INVALID)  # (N, P)
-    best = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :columns]  # (N, Q)
+    # Which of equal scores a top-k takes matters only at a cap that cuts real candidates
+    # (inexact then anyway): with cap=None every real one is taken; so no stable sort of P here
+    best = torch.topk(key, columns, dim=1).indices  # (N, Q)
     index = torch.sort(best, dim=1).values  # (N, Q): back to (cell, class) order
     return index, torch.gather(above, 1, index), count
 
