@@ -25,8 +25,12 @@ CLASS_NAMES = ["cat", "dog", "newt"]
 def _model(cfg):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    # class probability 0.5 everywhere at the start: random weights still give detections
+    # class probability 0.5 everywhere at the start, and mask logits far from 0 (their init
+    # std is 0.01: every mask would be a coin toss at 0.5): random weights give detections
     torch.nn.init.zeros_(model.head.cls_pred.bias)
+    for name, param in model.head.named_parameters():
+        if name.startswith("mask_pred") and name.endswith("weight"):
+            torch.nn.init.normal_(param, std=1.0)
     return model
 
 
@@ -49,7 +53,9 @@ def end2end(request, tmp_path_factory):
     cfg = tiny_config(request.param)
     model = _model(cfg)
     path = tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx"
-    export_onnx(model, path, cfg=cfg, class_names=CLASS_NAMES)
+    # export_onnx's own ONNX Runtime check once; the tests below compare more anyway
+    export_onnx(model, path, cfg=cfg, class_names=CLASS_NAMES,
+                check=request.param == "solov2")
     return cfg, build_graph(cfg, model, graph="end2end"), path
 
 
@@ -67,7 +73,9 @@ def test_end2end_matches_torch(end2end, batch, canvas, sizes):
     assert got.masks.shape == (batch, cfg.test.max_per_img, canvas[0] // 4, canvas[1] // 4)
     for name in ("num_dets", "labels", "num_candidates"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
-    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+    # the networks differ in the last bits (ONNX Runtime's convolutions and resizes), which can
+    # flip a mask pixel at mask_thr: one pixel of an area-A mask moves maskness by ~1/A
+    torch.testing.assert_close(got.scores, want.scores, rtol=2e-3, atol=1e-6)
     torch.testing.assert_close(got.masks, want.masks, rtol=0.0, atol=1e-4)
     torch.testing.assert_close(got.boxes, want.boxes, rtol=0.0, atol=0.0)
 
