@@ -25,7 +25,9 @@ from solo_fast.export.graphs import GRAPHS, build_graph, io_names
 __all__ = ["OPSETS", "SHAPES", "check_onnx", "example_inputs", "export_onnx", "sort_stable_to_topk"]
 
 OPSETS = (20,)  # GroupNorm decomposes to InstanceNormalization here; opset 21's op is not in ORT
-SHAPES = ("dynamic",)
+SHAPES = ("dynamic", "static")
+# TensorRT's TopK takes k <= 3840: the largest candidate cap of a static graph
+MAX_STATIC_CAP = 3840
 SIZE_DIVISOR = 32
 _MIN_SIDE32, _MAX_SIDE32 = 2, 128  # canvas sides 64 .. 4096 pixels, in units of 32
 
@@ -33,7 +35,8 @@ _MIN_SIDE32, _MAX_SIDE32 = 2, 128  # canvas sides 64 .. 4096 pixels, in units of
 def export_onnx(model: nn.Module, path: str | Path, *, cfg: ModelConfig, graph: str = "end2end",
                 shapes: str = "dynamic", opset: int = 20,
                 example_size: tuple[int, int] = (256, 320), batch: int = 2,
-                class_names: Sequence[str] | None = None, check: bool = True) -> Path:
+                class_names: Sequence[str] | None = None, max_candidates: int | None = None,
+                check: bool = True) -> Path:
     """Export one graph of a model to an ONNX file with dynamic batch, height and width.
 
     The file's ``metadata_props`` hold ``"solo_fast"``: a JSON object with ``version``,
@@ -47,13 +50,19 @@ def export_onnx(model: nn.Module, path: str | Path, *, cfg: ModelConfig, graph: 
         cfg: The model's config.
         graph: ``"end2end"`` (images, image_sizes -> detections), ``"raw"`` (images -> head
             outputs) or ``"postprocess"`` (head outputs, image_sizes -> detections).
-        shapes: ``"dynamic"``: batch, height and width dynamic, every candidate kept (a size taken
-            from the data).
+        shapes: ``"dynamic"`` (for ONNX Runtime): every candidate kept, a size taken from the
+            data. ``"static"`` (for TensorRT and other runtimes that want sizes known from the
+            input shapes): at most ``max_candidates`` candidates per image, the best by class
+            score, exact while no image has more (``num_candidates`` tells); no NonZero, Loop,
+            If, double tensors or top-k sizes taken from the data. Batch, height and width are
+            dynamic in both.
         opset: The ONNX opset; only 20.
         example_size: (H, W) of the example canvas traced; multiples of 32, H != W so that
             neither side is specialised.
         batch: Images of the example batch; >= 2 so that the batch is not specialised.
         class_names: Names of the classes for the metadata (num_classes of them), or None.
+        max_candidates: The candidate cap of a static graph (default: test.nms_pre), at most
+            3840 (TensorRT's top-k limit); dynamic graphs take none.
         check: Run the file on ONNX Runtime on a random batch and compare with the torch graph.
 
     Returns:
@@ -68,7 +77,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, cfg: ModelConfig, graph: 
     import onnx
 
     _check_arguments(cfg, graph, shapes, opset, example_size, batch, class_names)
-    module = build_graph(cfg, model, graph=graph)
+    cap = _candidate_cap(cfg, shapes, max_candidates)
+    module = build_graph(cfg, model, graph=graph, cap=cap)
     inputs = example_inputs(cfg, model, graph, example_size, batch, seed=0)
     input_names, output_names = io_names(cfg, graph)
     with torch.no_grad():
@@ -82,7 +92,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, cfg: ModelConfig, graph: 
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = "solo_fast", json.dumps(
-        _metadata(cfg, graph, shapes, class_names))
+        _metadata(cfg, graph, shapes, class_names) | {"max_candidates": cap})
     onnx.save(proto, str(path))
     if check:
         size = (example_size[0] + SIZE_DIVISOR, example_size[1] - SIZE_DIVISOR) \
@@ -194,6 +204,19 @@ def _check_arguments(cfg: ModelConfig, graph: str, shapes: str, opset: int,
     if class_names is not None and len(class_names) != cfg.head.num_classes:
         raise ValueError(f"class_names must name the {cfg.head.num_classes} classes, got "
                          f"{len(class_names)} names")
+
+
+def _candidate_cap(cfg: ModelConfig, shapes: str, max_candidates: int | None) -> int | None:
+    if shapes == "dynamic":
+        if max_candidates is not None:
+            raise ValueError(f"max_candidates caps a static graph; shapes='dynamic' keeps every "
+                             f"candidate, got max_candidates={max_candidates}")
+        return None
+    cap = cfg.test.nms_pre if max_candidates is None else int(max_candidates)
+    if not 1 <= cap <= MAX_STATIC_CAP:
+        raise ValueError(f"max_candidates of a static graph must be in [1, {MAX_STATIC_CAP}] "
+                         f"(TensorRT's top-k limit; default test.nms_pre), got {cap}")
+    return cap
 
 
 def _dynamic_shapes(cfg: ModelConfig, graph: str, inputs: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -89,13 +89,15 @@ def test_end2end_metadata_and_ops(end2end):
         "num_classes": 3, "class_names": CLASS_NAMES, "graph": "end2end", "shapes": "dynamic",
         "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "size_divisor": 32,
         "test_scale": list(cfg.train.test_scale), "score_thr": 0.1, "mask_thr": 0.5,
-        "max_per_img": 100, "mask_stride": 4, "mask_output": "soft"}
+        "max_per_img": 100, "mask_stride": 4, "mask_output": "soft", "max_candidates": None}
     assert isinstance(meta["version"], str)
     assert [i.name for i in proto.graph.input] == ["images", "image_sizes"]
     assert [o.name for o in proto.graph.output] == list(Detections._fields)
     assert proto.opset_import[0].version == 20 or any(
         o.domain == "" and o.version == 20 for o in proto.opset_import)
     assert "Trilu" not in _op_types(path)
+    # the candidate count is taken from the data (which a static graph must not do)
+    assert not _topk_sizes_from_shapes(proto)
 
 
 @pytest.fixture(scope="module", params=["solo", "decoupled_solo", "solov2"])
@@ -167,6 +169,8 @@ def test_raw_graph_matches_torch(tmp_path):
     ({"example_size": (250, 320)}, "example_size must be two different multiples of 32"),
     ({"batch": 1}, "batch must be >= 2"),
     ({"class_names": ["cat"]}, "class_names must name the 3 classes, got 1"),
+    ({"max_candidates": 10}, "max_candidates caps a static graph"),
+    ({"shapes": "static", "max_candidates": 4000}, r"must be in \[1, 3840\]"),
 ])
 def test_bad_arguments(tmp_path, kwargs, message):
     cfg = tiny_config("solo")
@@ -183,3 +187,83 @@ def test_import_does_not_load_onnx():
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ static shapes
+
+# standard ops TensorRT runs without plugins (its ONNX operator support list)
+STATIC_OPS = {
+    "Add", "And", "Cast", "Clip", "Concat", "ConstantOfShape", "Conv", "Div", "Equal", "Exp", "Expand",
+    "Gather", "GatherElements", "GatherND", "Greater", "GreaterOrEqual", "InstanceNormalization",
+    "Less", "MatMul", "MaxPool", "Min", "Mod", "Mul", "Pow", "Range", "ReduceMax", "ReduceMin",
+    "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Squeeze", "Sub",
+    "Tile", "TopK", "Transpose", "Unsqueeze", "Where"}
+# ops through which a TopK's k may come from the input shapes without depending on the data
+SHAPE_OPS = {"Shape", "Gather", "Reshape", "Concat", "Slice", "Squeeze", "Unsqueeze", "Cast",
+             "Constant", "Add", "Sub", "Mul", "Div", "Min", "Max"}
+
+
+def _topk_sizes_from_shapes(proto: onnx.ModelProto) -> bool:
+    """Every TopK's k is computed from tensor shapes and constants only."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    constants = {init.name for init in proto.graph.initializer}
+
+    def from_shapes(name: str) -> bool:
+        if name in constants:
+            return True
+        node = producer.get(name)
+        if node is None:  # a graph input: data
+            return False
+        if node.op_type == "Shape":
+            return True
+        return node.op_type in SHAPE_OPS and all(from_shapes(i) for i in node.input if i)
+
+    return all(from_shapes(node.input[1]) for node in proto.graph.node if node.op_type == "TopK")
+
+
+def _assert_static_graph(path) -> None:
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert _op_types(path) <= STATIC_OPS, _op_types(path) - STATIC_OPS
+    assert _topk_sizes_from_shapes(proto)
+    values = [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]
+    assert all(v.type.tensor_type.elem_type != onnx.TensorProto.DOUBLE for v in values)
+    assert not [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.DOUBLE]
+
+
+def test_static_end2end_is_standard_ops_and_exact_under_its_cap(tmp_path):
+    cfg = tiny_config("solov2")
+    model = _model(cfg)
+    dynamic_graph = build_graph(cfg, model, graph="end2end")
+    path = export_onnx(model, tmp_path / "static.onnx", cfg=cfg, shapes="static",
+                       max_candidates=500, check=False)
+    _assert_static_graph(path)
+    meta = json.loads(onnx.load(str(path)).metadata_props[0].value)
+    assert meta["shapes"] == "static" and meta["max_candidates"] == 500
+    images, sizes = _images(3, (160, 224), seed=5), torch.tensor([(160, 224), (150, 200),
+                                                                  (96, 224)])
+    got = Detections(*_run(path, [images, sizes]))
+    with torch.no_grad():
+        want = dynamic_graph(images, sizes)  # every candidate: equal while under the cap
+    assert int(want.num_candidates.max()) < 500 and (want.num_dets > 0).all()
+    for name in ("num_dets", "labels", "num_candidates", "boxes"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.scores, want.scores, rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(got.masks, want.masks, rtol=0.0, atol=1e-4)
+
+
+def test_static_postprocess_over_its_cap(tmp_path):
+    cfg = tiny_config("solo")
+    path = export_onnx(_model(cfg), tmp_path / "static.onnx", cfg=cfg, graph="postprocess",
+                       shapes="static", max_candidates=40)
+    _assert_static_graph(path)
+    raw = random_outputs(cfg, canvas=(96, 128), batch=2, seed=8)
+    sizes = torch.tensor([(96, 128), (90, 100)])
+    got = Detections(*_run(path, [*flatten_outputs(raw), sizes]))
+    with torch.no_grad():
+        want = build_graph(cfg, graph="postprocess", cap=40)(flatten_outputs(raw), sizes)
+    assert (got.num_candidates > 40).all()  # the cap was hit, and the output says so
+    for name in ("num_dets", "labels", "num_candidates", "boxes"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(got.masks, want.masks, rtol=0.0, atol=1e-6)
