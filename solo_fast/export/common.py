@@ -42,6 +42,7 @@ __all__ = [
     "FamilyMasks",
     "PostprocessGraph",
     "flatten_outputs",
+    "mask_stride",
     "masked_matrix_nms",
     "output_names",
     "select_candidates",
@@ -95,6 +96,11 @@ class FamilyMasks(abc.ABC):
     def soft(self, outputs: Any, level: Tensor, local: Tensor, cell: Tensor) -> Tensor:
         """(N, Q, H4, W4) soft masks of the candidates (level, cell index within the level, cell
         index over all levels; each (N, Q) int64, any value valid for padded columns)."""
+
+
+def mask_stride(cfg: ModelConfig) -> int:
+    """Stride of a family's level-0 mask map on the canvas (SOLO and Decoupled SOLO: 4)."""
+    return cfg.head.mask_stride if cfg.head.family == "solov2" else 4
 
 
 def flatten_outputs(outputs: Any) -> tuple[Tensor, ...]:
@@ -231,7 +237,7 @@ class PostprocessGraph(nn.Module):
         self.cfg = cfg
         self.family = masks
         self.cap = cap
-        self.mask_stride = cfg.head.mask_stride if cfg.head.family == "solov2" else 4
+        self.mask_stride = mask_stride(cfg)
         grids = cfg.head.num_grids
         cells = torch.tensor([s * s for s in grids])
         # constants of the graph, as buffers so that they follow .to(device)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from solo_fast.config import ModelConfig
 from solo_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from solo_fast.export.common import mask_stride
 from solo_fast.export.graphs import GRAPHS, build_graph, io_names
 
 __all__ = ["OPSETS", "SHAPES", "check_onnx", "example_inputs", "export_onnx", "sort_stable_to_topk"]
@@ -250,4 +251,4 @@ def _metadata(cfg: ModelConfig, graph: str, shapes: str,
             "std": list(IMAGENET_STD), "size_divisor": SIZE_DIVISOR,
             "test_scale": list(cfg.train.test_scale), "score_thr": test.score_thr,
             "mask_thr": test.mask_thr, "max_per_img": test.max_per_img,
-            "mask_stride": 4, "mask_output": "soft"}
+            "mask_stride": mask_stride(cfg), "mask_output": "soft"}
