@@ -43,7 +43,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, cfg: ModelConfig, graph: 
     The file's ``metadata_props`` hold ``"solo_fast"``: a JSON object with ``version``,
     ``preset``, ``family``, ``num_classes``, ``class_names``, ``graph``, ``shapes``, ``mean``,
     ``std``, ``size_divisor``, ``test_scale``, ``score_thr``, ``mask_thr``, ``max_per_img``,
-    ``mask_stride`` and ``mask_output``: what a host needs to prepare images and read outputs.
+    ``mask_stride``, ``mask_output`` and ``max_candidates`` (the static graph's cap, else null):
+    what a host needs to prepare images and read the outputs.
 
     Args:
         model: The detector (``solo_fast.build_model``), with its weights; put in eval mode.
@@ -71,7 +72,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, cfg: ModelConfig, graph: 
 
     Raises:
         ValueError: an unknown graph or shapes, an unsupported opset, a bad example size or
-            batch, or class names that do not match num_classes.
+            batch, class names that do not match num_classes, or a candidate cap out of range
+            (or given for a dynamic graph).
         RuntimeError: the exported file disagrees with the torch graph.
     """
     # the optional export extra (onnx, onnxscript, onnxruntime): imported only here
