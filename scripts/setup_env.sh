@@ -16,7 +16,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "== installing torch, torchvision and the build/test requirements into $VENV"
 "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 "$PY" -m pip install -q "setuptools>=69" wheel "pybind11>=2.12" "ninja>=1.11" "pycocotools>=2.0.7" \
-  numpy "pytest>=8" "pytest-benchmark>=4" expecttest "hypothesis>=6"
+  numpy "pytest>=8" "pytest-benchmark>=4" expecttest "hypothesis>=6" \
+  "onnx>=1.17" "onnxscript>=0.3.1" "onnxruntime>=1.20"
 
 echo "== building solo_fast (SOLO_FAST_CUDA=${SOLO_FAST_CUDA:-auto}); ptxas reports follow"
 mkdir -p build

@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     from solo_fast.builder import build_model
     from solo_fast.config import PRESETS, ModelConfig, get_preset
     from solo_fast.convert import convert_mmdet_state_dict
+    from solo_fast.export import export_onnx
 
 __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "ModelConfig", "__version__", "build_model", "convert_mmdet_state_dict",
-           "get_preset", "ops"]
+           "export_onnx", "get_preset", "ops"]
 
 # public name -> the module that defines it (None: the name is that submodule itself)
 _LAZY = {
@@ -33,6 +34,7 @@ _LAZY = {
     "get_preset": "solo_fast.config",
     "build_model": "solo_fast.builder",
     "convert_mmdet_state_dict": "solo_fast.convert",
+    "export_onnx": "solo_fast.export",
     "ops": None,
 }
 

@@ -229,6 +229,36 @@ def _onnx_predictions(args: argparse.Namespace):
     return names, None, predictions()
 
 
+def _export(args: argparse.Namespace) -> int:
+    from solo_fast.builder import build_model
+    from solo_fast.config import get_preset, parse_overrides
+    from solo_fast.export import export_onnx
+
+    overrides = parse_overrides(args.set)
+    class_names = None
+    if args.checkpoint:
+        trained, run, _ = _load_checkpoint(args.checkpoint, "cpu")
+        if args.preset and args.preset != run["preset"]:
+            raise ValueError(f"--preset {args.preset!r} disagrees with the checkpoint's preset "
+                             f"{run['preset']!r}: leave --preset out")
+        # --set on top of the checkpoint's overrides (test settings: max_per_img, score_thr...)
+        cfg = get_preset(run["preset"], **{**run["overrides"], **overrides})
+        model = build_model(cfg)
+        model.load_state_dict(trained.state_dict())
+        class_names = run.get("category_names")
+    elif args.preset:
+        cfg = get_preset(args.preset, **overrides)
+        model = build_model(cfg)
+        print(f"solo-fast export: no --checkpoint, so {args.preset} is exported with random "
+              f"weights", file=sys.stderr)
+    else:
+        raise ValueError("give --preset, --checkpoint or both")
+    export_onnx(model.eval(), args.output, cfg=cfg, graph=args.graph, shapes=args.shapes,
+                class_names=class_names, max_candidates=args.max_candidates)
+    print(f"{cfg.name} ({args.graph}, {args.shapes} shapes) -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="solo-fast",
@@ -357,6 +387,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cpu or cuda (default: cuda if present; with --onnx, "
                               "onnxruntime's default providers)")
     predict.set_defaults(run=_predict)
+
+    export = commands.add_parser(
+        "export", help="an ONNX file of a model with its post-processing (ONNX Runtime-checked)",
+        description="Export a model to ONNX (needs the export extra: onnx, onnxscript, "
+                    "onnxruntime). The file is run on ONNX Runtime against torch before this "
+                    "returns; its metadata_props['solo_fast'] holds the preprocessing and "
+                    "thresholds as JSON.")
+    export.add_argument("--preset", default=None,
+                        help="mmdetection config name (default: the checkpoint's)")
+    export.add_argument("--checkpoint", default=None,
+                        help="WORK_DIR/latest.pt of solo-fast train, or a convert output")
+    export.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set max_per_img=50 (repeatable)")
+    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.add_argument("--graph", default="end2end", choices=("end2end", "raw", "postprocess"),
+                        help="end2end: images -> detections (default); raw: images -> head "
+                             "outputs; postprocess: head outputs -> detections")
+    export.add_argument("--shapes", default="dynamic", choices=("dynamic", "static"),
+                        help="dynamic: every candidate, for ONNX Runtime (default); static: "
+                             "a fixed candidate cap and standard ops only, for TensorRT")
+    export.add_argument("--max-candidates", type=int, default=None,
+                        help="candidate cap per image of a static graph (default: nms_pre)")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -22,7 +22,7 @@ LAYERS = {
     "solo_fast.models": 2, "solo_fast.targets": 2, "solo_fast.data": 2,
     "solo_fast.losses": 3,
     "solo_fast.postprocess": 4,
-    "solo_fast.builder": 5,
+    "solo_fast.builder": 5, "solo_fast.export": 5,
     "solo_fast.engine": 6,
     "solo_fast": 7,  # convert, demo, bench, cli, __init__
 }

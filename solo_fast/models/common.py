@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,10 +118,22 @@ def coord_features(like: Tensor) -> Tensor:
         (N, 2, H, W): channel 0 is x, channel 1 is y.
     """
     n, _, h, w = like.shape
-    x = torch.linspace(-1, 1, w, device=like.device)  # (W,)
-    y = torch.linspace(-1, 1, h, device=like.device)  # (H,)
+    if torch.compiler.is_exporting():
+        # linspace's step count is an int, not a symbolic size, so torch.export would fix it to
+        # the example's size: the same ramps from arange (within an ulp of linspace's values)
+        x, y = _ramp(w, like.device), _ramp(h, like.device)
+    else:
+        x = torch.linspace(-1, 1, w, device=like.device)  # (W,)
+        y = torch.linspace(-1, 1, h, device=like.device)  # (H,)
     grid = torch.stack([x.expand(h, w), y[:, None].expand(h, w)])  # (2, H, W)
     return grid.to(like.dtype).expand(n, 2, h, w)
+
+
+def _ramp(size: Any, device: torch.device) -> Tensor:
+    """(size,) float32 ramp from -1 to 1 computed as linspace's scalar path does (size >= 2)."""
+    index = torch.arange(size, dtype=torch.float32, device=device)
+    step = torch.full((), 2.0, device=device) / (size - 1)
+    return torch.where(index < size // 2, -1 + step * index, 1 - step * (size - 1 - index))
 
 
 def resize_feats(feats: Sequence[Tensor]) -> list[Tensor]:
