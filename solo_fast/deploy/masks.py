@@ -285,29 +285,18 @@ def _exact_pixels(soft: np.ndarray, where: tuple[np.ndarray, ...],
     canvas_rows, canvas_cols, final_rows, final_cols = taps
     k, y, x = where
 
-    def canvas_pixel(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-        def row(source_row: np.ndarray) -> np.ndarray:
-            if canvas_cols.identity:
-                return soft[k, source_row, c]
-            a = soft[k, source_row, canvas_cols.first[c]]
-            b = soft[k, source_row, canvas_cols.second[c]] * canvas_cols.w1[c]
-            return fma(a, canvas_cols.w0[c], b)
+    def canvas_pixel(r: np.ndarray, c: np.ndarray) -> np.ndarray:  # columns first, as torch
+        return _lerp(lambda row: _lerp(lambda col: soft[k, row, col], canvas_cols, c),
+                     canvas_rows, r)
 
-        if canvas_rows.identity:
-            return row(r)
-        low = row(canvas_rows.first[r])
-        high = row(canvas_rows.second[r]) * canvas_rows.w1[r]
-        return fma(low, canvas_rows.w0[r], high)
+    return _lerp(lambda row: _lerp(lambda col: canvas_pixel(row, col), final_cols, x),
+                 final_rows, y)
 
-    def final_row(r: np.ndarray) -> np.ndarray:
-        if final_cols.identity:
-            return canvas_pixel(r, x)
-        a = canvas_pixel(r, final_cols.first[x])
-        b = canvas_pixel(r, final_cols.second[x]) * final_cols.w1[x]
-        return fma(a, final_cols.w0[x], b)
 
-    if final_rows.identity:
-        return final_row(y)
-    low = final_row(final_rows.first[y])
-    high = final_row(final_rows.second[y]) * final_rows.w1[y]
-    return fma(low, final_rows.w0[y], high)
+def _lerp(sample, taps: Taps, index: np.ndarray) -> np.ndarray:
+    """One bilinear pass at output positions ``index``: ``sample(source positions)`` weighted as
+    torch weighs them (the second tap's product first, then one fused multiply-add)."""
+    if taps.identity:
+        return sample(index)
+    second = sample(taps.second[index]) * taps.w1[index]
+    return fma(sample(taps.first[index]), taps.w0[index], second)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from solo_fast.config import ModelConfig, TestConfig
-from solo_fast.postprocess.common import points_nms
+from solo_fast.postprocess.common import boxes_from_hits, points_nms
 
 __all__ = [
     "Detections",
@@ -79,18 +79,22 @@ class Detections(NamedTuple):
 class GraphMasks(abc.ABC):
     """How a family turns its head's raw outputs into candidates' soft masks, batched.
 
+    A family sets ``output_type``, its head's output NamedTuple class (fields read by name).
+
     Args:
-        output_type: The head's output NamedTuple class (its fields are read by name).
         num_grids: S_l per level.
     """
 
-    def __init__(self, *, output_type: type, num_grids: Sequence[int]) -> None:
-        self.output_type = output_type
+    output_type: type
+
+    def __init__(self, *, num_grids: Sequence[int]) -> None:
         self.num_grids = tuple(int(s) for s in num_grids)
 
-    @abc.abstractmethod
     def mask_size(self, outputs: Any) -> tuple[Any, Any]:
-        """(H4, W4) of the stride-4 mask map of ``outputs``."""
+        """(H4, W4) of the stride-4 mask map of ``outputs``: by default that of level 0 of the
+        outputs' first field (SOLO's mask_preds, Decoupled SOLO's mask_preds_x)."""
+        level0 = outputs[0][0]  # (N, Q, H4, W4)
+        return level0.shape[-2], level0.shape[-1]
 
     @abc.abstractmethod
     def soft(self, outputs: Any, level: Tensor, local: Tensor, cell: Tensor) -> Tensor:
@@ -316,16 +320,6 @@ def _boxes(masks: Tensor, threshold: float, stride: int, image_sizes: Tensor) ->
     """(N, K, 4) float32 canvas boxes of ``masks > threshold`` (see :class:`Detections`)."""
     rows = masks.amax(3) > threshold  # (N, K, H4): row y holds a mask pixel
     cols = masks.amax(2) > threshold  # (N, K, W4)
-
-    def span(hit: Tensor) -> tuple[Tensor, Tensor]:
-        size = hit.shape[2]
-        position = torch.arange(size, device=hit.device)
-        first = torch.where(hit, position, size).amin(2)
-        last = torch.where(hit, position, -1).amax(2) + 1
-        return first, last
-
-    x1, x2 = span(cols)
-    y1, y2 = span(rows)
-    boxes = torch.stack([x1, y1, x2, y2], 2).float() * stride  # (N, K, 4)
+    boxes = boxes_from_hits(rows, cols) * stride  # (N, K, 4), zeros for an empty mask
     limit = image_sizes.flip(1).repeat(1, 2).float()[:, None, :]  # (N, 1, 4): w, h, w, h
-    return torch.minimum(boxes, limit) * (x2 > 0)[:, :, None]
+    return torch.minimum(boxes, limit)

@@ -28,15 +28,10 @@ class DecoupledGraphMasks(GraphMasks):
     Every map of both branches is prepared once (T = sum of S_l maps per branch, 128 for the
     presets), then each candidate's pair gathered.
 
-    Args:
-        num_grids: S_l per level.
+    Constructor arguments: those of :class:`~.common.GraphMasks`.
     """
 
-    def __init__(self, *, num_grids: tuple[int, ...]) -> None:
-        super().__init__(output_type=DecoupledSOLOOutput, num_grids=num_grids)
-
-    def mask_size(self, outputs: Any) -> tuple[Any, Any]:
-        return outputs.mask_preds_x[0].shape[-2], outputs.mask_preds_x[0].shape[-1]
+    output_type = DecoupledSOLOOutput
 
     def soft(self, outputs: Any, level: Tensor, local: Tensor, cell: Tensor) -> Tensor:
         size = self.mask_size(outputs)

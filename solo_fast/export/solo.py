@@ -27,15 +27,10 @@ class SOLOGraphMasks(GraphMasks):
     Every level's channel of every column is gathered and resized, then the candidate's level
     picked: L resizes of Q maps, a price of batching a varying number of candidates per level.
 
-    Args:
-        num_grids: S_l per level.
+    Constructor arguments: those of :class:`~.common.GraphMasks`.
     """
 
-    def __init__(self, *, num_grids: tuple[int, ...]) -> None:
-        super().__init__(output_type=SOLOOutput, num_grids=num_grids)
-
-    def mask_size(self, outputs: Any) -> tuple[Any, Any]:
-        return outputs.mask_preds[0].shape[-2], outputs.mask_preds[0].shape[-1]
+    output_type = SOLOOutput
 
     def soft(self, outputs: Any, level: Tensor, local: Tensor, cell: Tensor) -> Tensor:
         size = self.mask_size(outputs)

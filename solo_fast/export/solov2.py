@@ -23,12 +23,10 @@ class SOLOv2GraphMasks(GraphMasks):
     """Soft masks from :class:`~solo_fast.models.solov2.SOLOv2Output` (``kernel_preds``, L tensors
     (N, E, S_l, S_l); ``mask_feats``, (N, E, H4, W4)).
 
-    Args:
-        num_grids: S_l per level.
+    Constructor arguments: those of :class:`~.common.GraphMasks`.
     """
 
-    def __init__(self, *, num_grids: tuple[int, ...]) -> None:
-        super().__init__(output_type=SOLOv2Output, num_grids=num_grids)
+    output_type = SOLOv2Output
 
     def mask_size(self, outputs: Any) -> tuple[Any, Any]:
         return outputs.mask_feats.shape[-2], outputs.mask_feats.shape[-1]

@@ -213,25 +213,27 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
 def boxes_from_hits(rows: Tensor, cols: Tensor) -> Tensor:
     """Tight xyxy boxes (x2 and y2 exclusive) from which rows and columns hold mask pixels.
 
+    Batched over any leading dimensions (the export graphs call it on (N, K, ...)).
+
     Args:
-        rows: (K, H) bool, row y of mask k holds a pixel.
-        cols: (K, W) bool, column x of mask k holds a pixel.
+        rows: (..., H) bool, row y of the mask holds a pixel.
+        cols: (..., W) bool, column x of the mask holds a pixel (of the same masks as ``rows``).
 
     Returns:
-        (K, 4) float32 boxes; a mask without pixels gets (0, 0, 0, 0).
+        (..., 4) float32 boxes; a mask without pixels gets (0, 0, 0, 0).
     """
 
     def span(hit: Tensor) -> tuple[Tensor, Tensor]:
-        size = hit.shape[1]
+        size = hit.shape[-1]
         index = torch.arange(size, device=hit.device)
-        first = torch.where(hit, index, size).amin(1)
-        last = torch.where(hit, index, -1).amax(1) + 1
+        first = torch.where(hit, index, size).amin(-1)
+        last = torch.where(hit, index, -1).amax(-1) + 1
         return first, last
 
     x1, x2 = span(cols)
     y1, y2 = span(rows)
-    boxes = torch.stack([x1, y1, x2, y2], 1).float()  # (K, 4)
-    return boxes * rows.any(1, keepdim=True)
+    boxes = torch.stack([x1, y1, x2, y2], -1).float()  # (..., 4)
+    return boxes * (x2 > 0).unsqueeze(-1)  # x2 > 0 exactly when the mask has a pixel
 
 
 def boxes_of_thresholded(soft: Tensor, threshold: float) -> Tensor:
