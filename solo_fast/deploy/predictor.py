@@ -156,9 +156,11 @@ class OnnxPredictor:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
                                                                  np.ndarray]:
-        """RGB arrays -> ``(images, image_sizes, original_sizes)`` for :meth:`predict_tensors`
-        (:func:`~.preprocess.preprocess` with the export's scale, normalisation and padding)."""
+        """Image arrays -> ``(images, image_sizes, original_sizes)`` for :meth:`predict_tensors`
+        (:func:`~.preprocess.to_rgb`, then :func:`~.preprocess.preprocess` with the export's
+        scale, normalisation and padding)."""
         meta = self.metadata
+        images = [to_rgb(image, f"images[{i}]") for i, image in enumerate(images)]
         return preprocess(images, scale=meta.test_scale, mean=meta.mean, std=meta.std,
                           size_divisor=meta.size_divisor, canvas=self.canvas)
 
