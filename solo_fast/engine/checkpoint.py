@@ -14,8 +14,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-__all__ = ["load_checkpoint", "restore_rng_state", "rng_state", "save_atomically", "write_atomically",
-           "write_json_atomically"]
+__all__ = ["load_checkpoint", "restore_rng_state", "rng_state", "save_atomically",
+           "write_atomically", "write_json_atomically"]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:

@@ -15,29 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from solo_fast.builder import build_model
 from solo_fast.deploy import OnnxPredictor
 from solo_fast.export import export_onnx
-from tests.export.helpers import tiny_config
+from tests.export.helpers import detecting_model, tiny_config
 
 # N=images, K=instances, H0, W0=original size
 
 
-def _model(cfg):
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    # class probability 0.5 everywhere and mask logits far from 0: random weights give detections
-    torch.nn.init.zeros_(model.head.cls_pred.bias)
-    for name, param in model.head.named_parameters():
-        if name.startswith("mask_pred") and name.endswith("weight"):
-            torch.nn.init.normal_(param, std=1.0)
-    return model
 
 
 @pytest.fixture(scope="module", params=["solov2", "decoupled_solo"])
 def exported(request, tmp_path_factory):
     cfg = tiny_config(request.param, test_scale=(320, 256))
-    model = _model(cfg)
+    model = detecting_model(cfg)
     path = tmp_path_factory.mktemp("deploy") / f"{request.param}.onnx"
     export_onnx(model, path, cfg=cfg, check=False)
     return model, OnnxPredictor(path)
@@ -107,7 +97,7 @@ def test_the_batch_around_an_image_changes_nothing_on_the_same_canvas(exported):
 
 def test_a_model_without_detections_gives_empty_results(tmp_path):
     cfg = tiny_config("solo", test_scale=(320, 256))
-    model = _model(cfg)
+    model = detecting_model(cfg)
     torch.nn.init.constant_(model.head.cls_pred.bias, -30.0)  # no class above score_thr
     export_onnx(model, tmp_path / "empty.onnx", cfg=cfg, check=False)
     images = _images(seed=2)

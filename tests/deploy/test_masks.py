@@ -2,9 +2,10 @@
 ``resize_to_original`` + threshold + ``masks_to_boxes``.
 
 Where PyTorch runs its generic bilinear kernel (output height + width > 128, and not 3 channels
-on one thread) the numpy resize is compared bit for bit: both compute the same float32 operations, fused multiply-adds included
-(solo_fast/deploy/masks.py explains). Below that size PyTorch switches to a channels-last kernel
-that rounds differently, so there the comparison allows 4 ulp.
+on one thread) the numpy resize is compared bit for bit: both compute the same float32
+operations, fused multiply-adds included (solo_fast/deploy/masks.py explains). Below that size
+PyTorch switches to a channels-last kernel that rounds differently, so there the comparison
+allows 4 ulp.
 """
 
 from __future__ import annotations

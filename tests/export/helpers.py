@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from solo_fast.builder import build_model
 from solo_fast.config import ModelConfig, get_preset
 from solo_fast.models.decoupled_solo import DecoupledSOLOOutput
 from solo_fast.models.solo import SOLOOutput
@@ -27,6 +28,19 @@ TINY = {"backbone.depth": 18, "neck.out_channels": 32, "head.in_channels": 32,
         "head.mask_feat_channels": 16, "head.mask_out_channels": 16, "num_classes": 3,
         "num_grids": GRIDS}
 MASK_ATOL = 1e-6  # SOLOv2: a GEMM here, a 1x1 convolution on the reference path
+
+
+def detecting_model(cfg: ModelConfig) -> torch.nn.Module:
+    """``cfg``'s model in eval mode with random weights that give detections: class probability
+    0.5 everywhere at the start, and mask logits far from 0 (their init std is 0.01: every mask
+    would be a coin toss at 0.5)."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.nn.init.zeros_(model.head.cls_pred.bias)
+    for name, param in model.head.named_parameters():
+        if name.startswith("mask_pred") and name.endswith("weight"):
+            torch.nn.init.normal_(param, std=1.0)
+    return model
 
 
 def tiny_config(family: str, **overrides: Any) -> ModelConfig:

@@ -12,26 +12,21 @@ import onnxruntime
 import pytest
 import torch
 
-from solo_fast.builder import build_model
 from solo_fast.export import Detections, build_graph, export_onnx, io_names
 from solo_fast.export.common import flatten_outputs
-from tests.export.helpers import FAMILIES, assert_matches_reference, random_outputs, tiny_config
+from tests.export.helpers import (
+    FAMILIES,
+    assert_matches_reference,
+    detecting_model,
+    random_outputs,
+    tiny_config,
+)
 
 # N=images, H, W=canvas
 
 CLASS_NAMES = ["cat", "dog", "newt"]
 
 
-def _model(cfg):
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    # class probability 0.5 everywhere at the start, and mask logits far from 0 (their init
-    # std is 0.01: every mask would be a coin toss at 0.5): random weights give detections
-    torch.nn.init.zeros_(model.head.cls_pred.bias)
-    for name, param in model.head.named_parameters():
-        if name.startswith("mask_pred") and name.endswith("weight"):
-            torch.nn.init.normal_(param, std=1.0)
-    return model
 
 
 def _run(path, feeds: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -51,7 +46,7 @@ def _op_types(path) -> set[str]:
 @pytest.fixture(scope="module", params=FAMILIES)
 def end2end(request, tmp_path_factory):
     cfg = tiny_config(request.param)
-    model = _model(cfg)
+    model = detecting_model(cfg)
     path = tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx"
     # export_onnx's own ONNX Runtime check once; the tests below compare more anyway
     export_onnx(model, path, cfg=cfg, class_names=CLASS_NAMES,
@@ -105,7 +100,7 @@ def postprocess(request, tmp_path_factory):
     # small caps so that random outputs saturate nms_pre and max_per_img
     cfg = tiny_config(request.param, nms_pre=25, max_per_img=7)
     path = tmp_path_factory.mktemp("onnx") / f"{request.param}_postprocess.onnx"
-    export_onnx(_model(cfg), path, cfg=cfg, graph="postprocess")
+    export_onnx(detecting_model(cfg), path, cfg=cfg, graph="postprocess")
     return cfg, build_graph(cfg, graph="postprocess"), path
 
 
@@ -146,7 +141,7 @@ def test_postprocess_with_no_candidate_at_all(postprocess):
 
 def test_raw_graph_matches_torch(tmp_path):
     cfg = tiny_config("solov2_light")
-    model = _model(cfg)
+    model = detecting_model(cfg)
     path = export_onnx(model, tmp_path / "raw.onnx", cfg=cfg, graph="raw", check=False)
     graph = build_graph(cfg, model, graph="raw")
     names = [o.name for o in onnx.load(str(path)).graph.output]
@@ -193,7 +188,8 @@ def test_import_does_not_load_onnx():
 
 # standard ops TensorRT runs without plugins (its ONNX operator support list)
 STATIC_OPS = {
-    "Add", "And", "Cast", "Clip", "Concat", "ConstantOfShape", "Conv", "Div", "Equal", "Exp", "Expand",
+    "Add", "And", "Cast", "Clip", "Concat", "ConstantOfShape", "Conv", "Div", "Equal", "Exp",
+    "Expand",
     "Gather", "GatherElements", "GatherND", "Greater", "GreaterOrEqual", "InstanceNormalization",
     "Less", "MatMul", "MaxPool", "Min", "Mod", "Mul", "Pow", "Range", "ReduceMax", "ReduceMin",
     "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Squeeze", "Sub",
@@ -233,7 +229,7 @@ def _assert_static_graph(path) -> None:
 
 def test_static_end2end_is_standard_ops_and_exact_under_its_cap(tmp_path):
     cfg = tiny_config("solov2")
-    model = _model(cfg)
+    model = detecting_model(cfg)
     dynamic_graph = build_graph(cfg, model, graph="end2end")
     path = export_onnx(model, tmp_path / "static.onnx", cfg=cfg, shapes="static",
                        max_candidates=500, check=False)
@@ -254,8 +250,8 @@ def test_static_end2end_is_standard_ops_and_exact_under_its_cap(tmp_path):
 
 def test_static_postprocess_over_its_cap(tmp_path):
     cfg = tiny_config("solo")
-    path = export_onnx(_model(cfg), tmp_path / "static.onnx", cfg=cfg, graph="postprocess",
-                       shapes="static", max_candidates=40)
+    path = export_onnx(detecting_model(cfg), tmp_path / "static.onnx", cfg=cfg,
+                       graph="postprocess", shapes="static", max_candidates=40)
     _assert_static_graph(path)
     raw = random_outputs(cfg, canvas=(96, 128), batch=2, seed=8)
     sizes = torch.tensor([(96, 128), (90, 100)])
