@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ops.helpers import benchmark_case, benchmark_parameters, benchmark_op
+from solo_fast.bench.cases import cases
+from tests.ops.helpers import benchmark_case, benchmark_cases, benchmark_op, benchmark_parameters
 
 OP = "dynamic_mask_scores"
 

@@ -105,8 +105,8 @@ def test_predict_with_an_onnx_export_writes_coco_json_and_overlays(tmp_path, cap
         decoded = mask_util.decode([r["segmentation"] for r in mine]).transpose(2, 0, 1)
         np.testing.assert_array_equal(decoded.astype(bool), expected[n]["masks"])
         boxes = expected[n]["boxes"]
-        np.testing.assert_array_equal([r["bbox"] for r in mine],
-                                      np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1))
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        np.testing.assert_array_equal([r["bbox"] for r in mine], xywh)
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == ["0.png", "1.png",
                                                                             "2.png"]
     assert "14 instances in 3 images" in capsys.readouterr().out

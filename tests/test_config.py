@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from solo_fast import build_model
 from solo_fast.config import (
     PRESETS,
     BackboneConfig,
@@ -17,7 +18,6 @@ from solo_fast.config import (
     get_preset,
     parse_overrides,
 )
-from solo_fast import build_model
 
 MMDET_CONFIGS = {
     "solo_r50_fpn_1x_coco", "solo_r50_fpn_3x_coco",

@@ -1,4 +1,4 @@
-"""load_image: RGB uint8 (3, H, W), upright by the EXIF orientation tag, errors that name the file."""
+"""load_image: RGB uint8 (3, H, W), upright by the EXIF orientation tag; errors name the file."""
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import solo_fast
-
 from solo_fast import cli
 from solo_fast.engine.checkpoint import (
     load_checkpoint,
@@ -32,7 +31,7 @@ class _Planted:
     SOLO_FAST_PLANTED: the proof that code ran."""
 
     def __reduce__(self):
-        return (os.system, (f'touch "$SOLO_FAST_PLANTED"',))
+        return (os.system, ('touch "$SOLO_FAST_PLANTED"',))
 
 
 def _plant(path, monkeypatch, tmp_path):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from solo_fast import build_model
 from solo_fast.config import PRESETS, HeadConfig, get_preset
 from solo_fast.losses import DecoupledSOLOCriterion
-from solo_fast import build_model
 from solo_fast.models.decoupled_solo import (
     DecoupledSOLO,
     DecoupledSOLOHead,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solo_fast.config import PRESETS, get_preset
 from solo_fast import build_model
-from solo_fast.postprocess import points_nms
+from solo_fast.config import PRESETS, get_preset
 from solo_fast.models.solov2 import (
     MaskFeatModule,
     SOLOv2,
@@ -17,6 +16,7 @@ from solo_fast.models.solov2 import (
     mmdet_head_key_map,
     mmdet_model_key_map,
 )
+from solo_fast.postprocess import points_nms
 from tests.models.helpers import FIXTURES, TOL, assert_keys_match_mmdet
 
 # N=images, L=levels, S=grid side, C=classes, E=mask-feature channels, G=cells of all levels
