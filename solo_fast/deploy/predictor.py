@@ -148,10 +148,9 @@ class OnnxPredictor:
         step = min(batch_size or len(images), self.batch_limit or len(images)) or 1
         results: list[dict[str, np.ndarray]] = []
         for start in range(0, len(images), step):  # files are read a batch at a time
-            arrays = [load_image(im) if isinstance(im, (str, os.PathLike))
-                      else to_rgb(im, f"images[{start + i}]")
-                      for i, im in enumerate(images[start:start + step])]
-            results += self.predict_tensors(*self.preprocess(arrays))
+            arrays = [load_image(im) if isinstance(im, (str, os.PathLike)) else im
+                      for im in images[start:start + step]]
+            results += self.predict_tensors(*self._preprocess(arrays, first=start))
         return results
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray,
@@ -159,8 +158,13 @@ class OnnxPredictor:
         """Image arrays -> ``(images, image_sizes, original_sizes)`` for :meth:`predict_tensors`
         (:func:`~.preprocess.to_rgb`, then :func:`~.preprocess.preprocess` with the export's
         scale, normalisation and padding)."""
+        return self._preprocess(images, first=0)
+
+    def _preprocess(self, images: Sequence[np.ndarray], *, first: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # first: the index of images[0] among the caller's images, for the error messages
         meta = self.metadata
-        images = [to_rgb(image, f"images[{i}]") for i, image in enumerate(images)]
+        images = [to_rgb(image, f"images[{first + i}]") for i, image in enumerate(images)]
         return preprocess(images, scale=meta.test_scale, mean=meta.mean, std=meta.std,
                           size_divisor=meta.size_divisor, canvas=self.canvas)
 

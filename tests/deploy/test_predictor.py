@@ -152,6 +152,8 @@ def test_bad_inputs_are_refused_by_name(model_file):
     image = make_images([(40, 50)])[0]
     with pytest.raises(ValueError, match=r"images\[1\] must be uint8"):
         predictor([image, image.astype(np.float32)])
+    with pytest.raises(ValueError, match=r"images\[2\] must be uint8"):  # in the second batch
+        predictor([image, image, image.astype(np.float32)], batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         predictor([image], batch_size=0)
     batch, sizes, originals = predictor.preprocess([image])
