@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_util
 from torch import Tensor
 
 from solo_fast.ops import MaskScores
@@ -297,6 +296,9 @@ def encode_rle(masks: Tensor | np.ndarray) -> list[dict[str, Any]]:
     Raises:
         ValueError: ``masks`` is not 3-d.
     """
+    # imported here: only RLE output needs pycocotools, so building and running a model does not
+    from pycocotools import mask as mask_util
+
     if masks.ndim != 3:
         raise ValueError(f"masks must be (K, H, W), got shape {tuple(masks.shape)}")
     if masks.shape[0] == 0:
