@@ -8,8 +8,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METADATA_KEY", "ExportMetadata"]
+__all__ = ["GRAPHS", "METADATA_KEY", "SHAPES", "ExportMetadata"]
 
+# the one home of these names: the exporter (solo_fast.export) writes what the predictor reads
 METADATA_KEY = "solo_fast"
 GRAPHS = ("end2end", "raw", "postprocess")
 SHAPES = ("dynamic", "static")

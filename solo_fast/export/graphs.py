@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from solo_fast.config import ModelConfig
+from solo_fast.deploy.metadata import GRAPHS
 from solo_fast.export.common import (
     Detections,
     GraphMasks,
@@ -27,7 +28,6 @@ from solo_fast.export.solov2 import SOLOv2GraphMasks
 
 __all__ = ["GRAPHS", "End2EndGraph", "RawGraph", "build_graph", "family_masks", "io_names"]
 
-GRAPHS = ("end2end", "raw", "postprocess")
 _MASKS: dict[str, type[GraphMasks]] = {
     "solo": SOLOGraphMasks, "decoupled_solo": DecoupledGraphMasks,
     "decoupled_solo_light": DecoupledGraphMasks, "solov2": SOLOv2GraphMasks}

@@ -19,17 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from solo_fast.config import ModelConfig
+from solo_fast.data.loaders import SIZE_DIVISOR
 from solo_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from solo_fast.deploy.metadata import GRAPHS, METADATA_KEY, SHAPES
 from solo_fast.export.common import mask_stride
-from solo_fast.export.graphs import GRAPHS, build_graph, io_names
+from solo_fast.export.graphs import build_graph, io_names
 
 __all__ = ["OPSETS", "SHAPES", "check_onnx", "example_inputs", "export_onnx", "sort_stable_to_topk"]
 
 OPSETS = (20,)  # GroupNorm decomposes to InstanceNormalization here; opset 21's op is not in ORT
-SHAPES = ("dynamic", "static")
 # TensorRT's TopK takes k <= 3840: the largest candidate cap of a static graph
 MAX_STATIC_CAP = 3840
-SIZE_DIVISOR = 32
 _MIN_SIDE32, _MAX_SIDE32 = 2, 128  # canvas sides 64 .. 4096 pixels, in units of 32
 
 
@@ -94,7 +94,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, cfg: ModelConfig, graph: 
     program.save(str(path))
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "solo_fast", json.dumps(
+    entry.key, entry.value = METADATA_KEY, json.dumps(
         _metadata(cfg, graph, shapes, class_names) | {"max_candidates": cap})
     onnx.save(proto, str(path))
     if check:
