@@ -145,7 +145,7 @@ def prepare_mask_probs(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def check_levels(tensors: Sequence[Tensor], name: str, num_grids: Sequence[int],
-                 channels: str) -> None:
+                 channels: str | int) -> None:
     """ValueError unless ``tensors`` holds one 4-d tensor per level of the expected shape.
 
     Args:
@@ -153,7 +153,7 @@ def check_levels(tensors: Sequence[Tensor], name: str, num_grids: Sequence[int],
         name: The argument's name, for the message.
         num_grids: S_l per level.
         channels: What dimension 1 holds: ``"classes"`` (then the last two are (S_l, S_l)),
-            ``"cells"`` (S_l^2 channels), ``"grid"`` (S_l channels), or a number as a string.
+            ``"cells"`` (S_l^2 channels), ``"grid"`` (S_l channels), or that many channels.
     """
     if len(tensors) != len(num_grids):
         raise ValueError(f"{name} must have one tensor per level ({len(num_grids)}), "
@@ -163,7 +163,7 @@ def check_levels(tensors: Sequence[Tensor], name: str, num_grids: Sequence[int],
             ok = tensor.dim() == 4 and tuple(tensor.shape[-2:]) == (grid, grid)
             expected = f"(N, C, {grid}, {grid})"
         else:
-            count = {"cells": grid * grid, "grid": grid}.get(channels) or int(channels)
+            count = {"cells": grid * grid, "grid": grid}.get(channels, channels)
             ok = tensor.dim() == 4 and tensor.shape[1] == count
             expected = f"(N, {count}, h, w)"
         if not ok:

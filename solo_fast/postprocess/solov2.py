@@ -88,5 +88,5 @@ class SOLOv2PostProcessor(PostProcessor):
     def candidate_masks(self, outputs: Any, candidates: Candidates) -> DynamicMasks:
         # Only 1x1 dynamic kernels (dynamic_conv_size = 1, every config): E values per cell
         check_levels(outputs.kernel_preds, "kernel_preds", self.num_grids,
-                     str(outputs.mask_feats.shape[1]))
+                     outputs.mask_feats.shape[1])
         return DynamicMasks(outputs.kernel_preds, outputs.mask_feats, candidates)
