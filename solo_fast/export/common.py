@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from solo_fast.config import ModelConfig, TestConfig
-from solo_fast.postprocess.common import boxes_from_hits, points_nms
+from solo_fast.postprocess.common import boxes_from_hits, prepare_cls_scores
 
 __all__ = [
     "Detections",
@@ -45,7 +45,7 @@ __all__ = [
     "mask_stride",
     "masked_matrix_nms",
     "output_names",
-    "select_candidates",
+    "padded_candidates",
     "unflatten_outputs",
 ]
 
@@ -147,7 +147,7 @@ def _field_kinds(output_type: type) -> list[str]:
             for f in output_type._fields]
 
 
-def select_candidates(flat: Tensor, score_thr: float,
+def padded_candidates(flat: Tensor, score_thr: float,
                       cap: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """The (cell, class) pairs of each image above ``score_thr``, in (cell, class) order.
 
@@ -267,9 +267,9 @@ class PostprocessGraph(nn.Module):
         test = self.cfg.test
         num = raw.cls_preds[0].shape[0]
         classes = raw.cls_preds[0].shape[1]
-        flat = torch.cat([points_nms(c.sigmoid()).permute(0, 2, 3, 1).reshape(num, -1, classes)
-                          for c in raw.cls_preds], 1).reshape(num, -1)  # (N, P)
-        index, valid, num_candidates = select_candidates(flat, test.score_thr, self.cap)
+        flat = torch.cat([s.permute(0, 2, 3, 1).reshape(num, -1, classes)  # (N, S*S, C)
+                          for s in prepare_cls_scores(raw.cls_preds)], 1).reshape(num, -1)  # (N, P)
+        index, valid, num_candidates = padded_candidates(flat, test.score_thr, self.cap)
         score = torch.gather(flat, 1, index)  # (N, Q)
         cell, label = index // classes, index % classes
         level = (cell[:, :, None] >= self.level_start[1:]).sum(2)  # (N, Q)
